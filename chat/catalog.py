@@ -1,0 +1,176 @@
+"""Which models users can pick: local rows from the admin, plus the models
+discovered on each Ollama and OpenAI-compatible endpoint, named per
+CONTRACT §3 (`ollama_<tag>`, `openai_<id>`).
+
+Discovery results (and failures) are cached briefly in the shared cache, so
+a page load or a message does not call every endpoint, and a down endpoint
+costs one connect timeout per TTL, not one per request.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.core.cache import cache
+
+from chat.models import ModelConfig, ModelKind
+from chat.openai_endpoint import OpenAIEndpointError, openai_models
+from gpu_manager.ollama import OllamaError, ollama_tags
+
+PREFIXES = {ModelKind.OLLAMA: "ollama_", ModelKind.OPENAI: "openai_"}
+DEFAULT_GENERATION = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.95}
+
+
+class CatalogError(Exception):
+    code = "catalog_error"
+
+
+class UnknownModel(CatalogError):
+    code = "unknown_model"
+
+
+class ModelDisabled(CatalogError):
+    code = "model_disabled"
+
+
+class EndpointDown(CatalogError):
+    code = "endpoint_unavailable"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    kind: str
+    base_url: str
+    api_key: str = ""
+    frees_gpu: bool = True
+    generation: dict = field(default_factory=lambda: dict(DEFAULT_GENERATION))
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model a user can pick, with everything a task needs to run it."""
+
+    name: str
+    kind: str
+    upstream: str  # local: model directory; ollama: tag; openai: model id
+    base_url: str = ""
+    api_key: str = ""
+    frees_gpu: bool = True
+    generation: dict = field(default_factory=lambda: dict(DEFAULT_GENERATION))
+
+    @property
+    def needs_gpu_owner(self) -> str | None:
+        """The GPU owner this model needs, or None if it does not touch the GPU."""
+        if self.kind == ModelKind.OPENAI and not self.frees_gpu:
+            return None
+        return self.kind
+
+
+def endpoints() -> list[Endpoint]:
+    """Enabled endpoints: the admin's rows, plus the ones named in the
+    environment (CONTRACT §2) unless a row already points at the same URL."""
+    found = [
+        Endpoint(kind=c.kind, base_url=c.base_url.rstrip("/"), api_key=c.api_key,
+                 frees_gpu=c.frees_gpu, generation=c.generation_defaults())
+        for c in ModelConfig.objects.filter(enabled=True).exclude(kind=ModelKind.LOCAL)
+    ]
+    known = {(e.kind, e.base_url) for e in found}
+    configured = {
+        ModelKind.OLLAMA: (settings.OLLAMA_BASE_URL, ""),
+        ModelKind.OPENAI: (settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY),
+    }
+    disabled = set(
+        ModelConfig.objects.filter(enabled=False).exclude(kind=ModelKind.LOCAL).values_list("kind", "base_url")
+    )
+    for kind, (url, key) in configured.items():
+        url = url.rstrip("/")
+        if url and (kind, url) not in known and (kind, url) not in disabled:
+            found.append(Endpoint(kind=kind, base_url=url, api_key=key))
+    return found
+
+
+def _cache_key(endpoint: Endpoint) -> str:
+    digest = hashlib.sha1(f"{endpoint.kind} {endpoint.base_url}".encode()).hexdigest()[:16]
+    return f"catalog:{digest}"
+
+
+def endpoint_models(endpoint: Endpoint) -> list[str]:
+    """Model names the endpoint offers now; raises EndpointDown."""
+    cached = cache.get(_cache_key(endpoint))
+    if cached is None:
+        try:
+            if endpoint.kind == ModelKind.OLLAMA:
+                found = ollama_tags(endpoint.base_url)
+            else:
+                found = openai_models(endpoint.base_url, endpoint.api_key)
+            cached = {"ok": True, "models": found, "detail": ""}
+        except (OllamaError, OpenAIEndpointError) as exc:
+            cached = {"ok": False, "models": [], "detail": str(exc)}
+        cache.set(_cache_key(endpoint), cached, timeout=settings.MODEL_DISCOVERY_TTL)
+    if not cached["ok"]:
+        raise EndpointDown(cached["detail"])
+    return cached["models"]
+
+
+def catalog_forget() -> None:
+    """Drop cached discoveries (after an admin edit, or in tests)."""
+    cache.delete_many([_cache_key(e) for e in endpoints()])
+
+
+def catalog_list() -> tuple[list[ModelChoice], list[dict]]:
+    """Every model users can pick now, and the endpoints that are down."""
+    choices = [_local_choice(c) for c in ModelConfig.objects.filter(kind=ModelKind.LOCAL, enabled=True)]
+    errors = []
+    for endpoint in endpoints():
+        try:
+            names = endpoint_models(endpoint)
+        except EndpointDown as exc:
+            errors.append({"endpoint": endpoint.base_url, "kind": endpoint.kind, "detail": str(exc)})
+            continue
+        choices.extend(_remote_choice(endpoint, n) for n in names)
+    return choices, errors
+
+
+def model_resolve(name: str) -> ModelChoice:
+    """The model a user named, or UnknownModel / ModelDisabled / EndpointDown."""
+    for kind, prefix in PREFIXES.items():
+        if name.startswith(prefix):
+            return _resolve_remote(kind, name.removeprefix(prefix))
+    config = ModelConfig.objects.filter(kind=ModelKind.LOCAL, name=name).first()
+    if config is None:
+        raise UnknownModel(f"No model is named {name!r}.")
+    if not config.enabled:
+        raise ModelDisabled(f"The model {name!r} is disabled.")
+    return _local_choice(config)
+
+
+def default_model_name() -> str | None:
+    config = ModelConfig.objects.filter(enabled=True, is_default=True).first()
+    return config.name if config and config.kind == ModelKind.LOCAL else None
+
+
+def _resolve_remote(kind: str, upstream: str) -> ModelChoice:
+    down = []
+    for endpoint in (e for e in endpoints() if e.kind == kind):
+        try:
+            if upstream in endpoint_models(endpoint):
+                return _remote_choice(endpoint, upstream)
+        except EndpointDown as exc:
+            down.append(str(exc))
+    if down:
+        raise EndpointDown("; ".join(down))
+    raise UnknownModel(f"No {kind} endpoint offers the model {upstream!r}.")
+
+
+def _local_choice(config: ModelConfig) -> ModelChoice:
+    return ModelChoice(name=config.name, kind=ModelKind.LOCAL, upstream=config.path,
+                       generation=config.generation_defaults())
+
+
+def _remote_choice(endpoint: Endpoint, upstream: str) -> ModelChoice:
+    return ModelChoice(
+        name=PREFIXES[endpoint.kind] + upstream, kind=endpoint.kind, upstream=upstream,
+        base_url=endpoint.base_url, api_key=endpoint.api_key, frees_gpu=endpoint.frees_gpu,
+        generation=endpoint.generation,
+    )

@@ -1,0 +1,106 @@
+"""The chat websocket (CONTRACT §4): decode and validate frames, call the
+chat services, and relay the events that tasks send to a reply's group."""
+from __future__ import annotations
+
+import json
+
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from chat import services
+from chat.relay import message_group
+
+#: Close code for an anonymous socket (CONTRACT §4), after the HTTP 401 it mirrors.
+CLOSE_UNAUTHENTICATED = 4401
+CLIENT_ID_MAX = 100
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self) -> None:
+        self.user = self.scope.get("user")
+        # Accept, then close with our code: a socket refused during the
+        # handshake reaches the browser as 1006 with no reason.
+        await self.accept()
+        if self.user is None or not self.user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        # Replies still streaming from an earlier socket keep streaming here.
+        for message_id in await database_sync_to_async(services.messages_unfinished)(user=self.user):
+            await self.channel_layer.group_add(message_group(message_id), self.channel_name)
+
+    async def receive(self, text_data=None, bytes_data=None) -> None:
+        try:
+            frame = self._decode(text_data)
+            handler = {"chat.send": self.chat_send, "chat.cancel": self.chat_cancel}.get(frame.get("type"))
+            if handler is None:
+                raise FrameError("unknown_type", f"Unknown frame type {frame.get('type')!r}.")
+            await handler(frame)
+        except (FrameError, services.ChatInputError) as exc:
+            await self.send_json({"type": "chat.error", "message": None, "code": exc.code, "detail": exc.detail})
+
+    @staticmethod
+    def _decode(text: str | None) -> dict:
+        if text is None:
+            raise FrameError("bad_frame", "Frames are JSON text, not binary.")
+        try:
+            frame = json.loads(text)
+        except ValueError as exc:
+            raise FrameError("bad_frame", f"Not JSON: {exc}") from exc
+        if not isinstance(frame, dict):
+            raise FrameError("bad_frame", "A frame is one JSON object.")
+        return frame
+
+    async def chat_send(self, frame: dict) -> None:
+        model, content = frame.get("model"), frame.get("content")
+        conversation, client_id = frame.get("conversation"), frame.get("client_id", "")
+        if not isinstance(model, str) or not model:
+            raise FrameError("bad_frame", "`model` must be a model name.")
+        if not isinstance(content, str):
+            raise FrameError("bad_frame", "`content` must be text.")
+        if conversation is not None and (isinstance(conversation, bool) or not isinstance(conversation, int)):
+            raise FrameError("bad_frame", "`conversation` must be an id or null.")
+        if not isinstance(client_id, str) or len(client_id) > CLIENT_ID_MAX:
+            raise FrameError("bad_frame", f"`client_id` must be text of at most {CLIENT_ID_MAX} characters.")
+
+        def subscribe(message_id: int) -> None:
+            # Runs after the commit, before the task is queued: no frame of
+            # the reply can be sent before this socket listens for it.
+            async_to_sync(self.channel_layer.group_add)(message_group(message_id), self.channel_name)
+
+        reply = await database_sync_to_async(services.message_enqueue)(
+            user=self.user, model=model, content=content, conversation_id=conversation, client_id=client_id,
+            subscribe=subscribe,
+        )
+        await self.send_json({"type": "chat.accepted", "client_id": client_id,
+                              "conversation": reply.conversation_id, "message": reply.pk})
+
+    async def chat_cancel(self, frame: dict) -> None:
+        message_id = frame.get("message")
+        if isinstance(message_id, bool) or not isinstance(message_id, int):
+            raise FrameError("bad_frame", "`message` must be a message id.")
+        await database_sync_to_async(services.message_cancel)(user=self.user, message_id=message_id)
+
+    # --- events from the channel layer: each is already a client frame -----
+
+    async def chat_delta(self, event: dict) -> None:
+        await self.send_json(event)
+
+    async def gpu_switch(self, event: dict) -> None:
+        await self.send_json(event)
+
+    async def chat_done(self, event: dict) -> None:
+        await self.send_json(event)
+        await self.channel_layer.group_discard(message_group(event["message"]), self.channel_name)
+
+    async def chat_error(self, event: dict) -> None:
+        await self.send_json(event)
+        if event.get("message") is not None:
+            await self.channel_layer.group_discard(message_group(event["message"]), self.channel_name)

@@ -1,0 +1,208 @@
+"""Running one reply: the GPU prelude, local generation on the GPU worker,
+and external generation (Ollama, OpenAI-compatible) on the CPU workers.
+
+Every entry point takes a message id, finds the reply, and ends it exactly
+once with `chat.done` or `chat.error` (see `message_finish` / `message_fail`).
+A reply that has already ended (a re-delivered task) is left alone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from django.utils import timezone
+
+from chat.catalog import ModelChoice, endpoints, model_resolve
+from chat.models import Message, MessageStatus
+from chat.openai_endpoint import openai_chat_stream
+from chat.relay import DeltaRelay, group_send, message_group
+from chat.services import cancel_requested, message_fail, message_finish
+from gpu_manager.manager import GpuManager
+from gpu_manager.ollama import OllamaModelMissing, ollama_chat_stream, ollama_tags
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two reads of the cancel flag while tokens stream: often
+#: enough that Stop feels immediate, rare enough to cost nothing per token.
+CANCEL_POLL_SECONDS = 0.05
+#: Seconds between two saves of a streaming reply's text, so that a page
+#: reloaded mid-reply shows what was already sent.
+SAVE_EVERY_SECONDS = 1.0
+
+
+@dataclass
+class Outcome:
+    text: str
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Run:
+    """The bookkeeping of one streaming reply: deltas, first-token time,
+    periodic saves and a rate-limited cancel check."""
+
+    def __init__(self, reply: Message):
+        self.reply = reply
+        self.relay = DeltaRelay(reply.pk, on_flush=self._flushed)
+        self._saved_at = time.monotonic()
+        self._cancel_checked = 0.0
+        self._cancelled = False
+
+    def _flushed(self, relay: DeltaRelay) -> None:
+        if relay.seq == 1:
+            Message.objects.filter(pk=self.reply.pk).update(first_token_at=timezone.now())
+        if time.monotonic() - self._saved_at >= SAVE_EVERY_SECONDS:
+            Message.objects.filter(pk=self.reply.pk).update(content=relay.text)
+            self._saved_at = time.monotonic()
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._cancel_checked >= CANCEL_POLL_SECONDS:
+            self._cancel_checked = now
+            self._cancelled = cancel_requested(self.reply.pk)
+        return self._cancelled
+
+    def fail(self, exc: Exception) -> None:
+        """End the reply with the error, keeping the text already sent."""
+        self.relay.flush()
+        message_fail(message_id=self.reply.pk, code=error_code(exc), detail=str(exc), content=self.relay.text)
+
+    def finish(self, outcome: Outcome) -> None:
+        self.relay.flush()
+        message_finish(message_id=self.reply.pk, content=self.relay.text, finish_reason=outcome.finish_reason,
+                       prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens)
+
+
+def error_code(exc: BaseException) -> str:
+    """The `chat.error` code for an exception: our errors carry one."""
+    return getattr(exc, "code", "internal_error")
+
+
+def reply_start(message_id: int) -> tuple[Message, ModelChoice] | None:
+    """The reply and its model, marked running; None when there is nothing
+    to do (already ended, or cancelled while it waited)."""
+    reply = Message.objects.select_related("conversation").filter(pk=message_id).first()
+    if reply is None or reply.is_finished:
+        return None
+    if cancel_requested(message_id):
+        message_finish(message_id=message_id, content="", finish_reason="cancelled", prompt_tokens=0,
+                       completion_tokens=0)
+        return None
+    choice = model_resolve(reply.model_name)
+    if reply.status == MessageStatus.QUEUED:
+        reply.status, reply.started_at = MessageStatus.RUNNING, timezone.now()
+        Message.objects.filter(pk=message_id, status=MessageStatus.QUEUED).update(
+            status=reply.status, started_at=reply.started_at)
+    return reply, choice
+
+
+def history(reply: Message) -> list[dict]:
+    """The conversation up to this reply, as chat messages. Failed and
+    cancelled replies are left out: they would teach the model nonsense."""
+    turns = reply.conversation.messages.filter(pk__lt=reply.pk).exclude(
+        role=Message.Role.ASSISTANT, status__in=[MessageStatus.ERROR, MessageStatus.QUEUED])
+    return [{"role": m.role, "content": m.content} for m in turns if m.content]
+
+
+def switch_notifier(message_id: int) -> Callable[[str, dict], None]:
+    def notify(phase: str, payload: dict) -> None:
+        event = {k: v for k, v in payload.items() if k not in ("before", "after")}
+        group_send(message_group(message_id), {"type": "gpu.switch", "message": message_id, **event,
+                                                "phase": phase})
+    return notify
+
+
+def ollama_urls() -> list[str]:
+    return [e.base_url for e in endpoints() if e.kind == "ollama"]
+
+
+# --- GPU worker -------------------------------------------------------------
+
+def gpu_prepare_for_reply(*, message_id: int, manager: GpuManager) -> None:
+    """The GPU task prelude: make the requested local model resident."""
+    started = reply_start(message_id)
+    if started is None:
+        return
+    reply, choice = started
+    manager.prepare_local(name=choice.name, path=choice.upstream, ollama_urls=ollama_urls(),
+                          on_event=switch_notifier(message_id))
+
+
+def gpu_acquire_for_reply(*, message_id: int, manager: GpuManager) -> None:
+    """Free the GPU for an external model, in queue order. For Ollama, check
+    first that it answers and has the model: evicting the local model for a
+    request that cannot run would cost a reload for nothing."""
+    started = reply_start(message_id)
+    if started is None:
+        return
+    reply, choice = started
+    if choice.kind == "ollama" and choice.upstream not in ollama_tags(choice.base_url):
+        raise OllamaModelMissing(f"Ollama at {choice.base_url} does not have {choice.upstream}")
+    manager.acquire_external(owner=choice.kind, ollama_model=choice.upstream if choice.kind == "ollama" else None,
+                             on_event=switch_notifier(message_id))
+
+
+def local_reply_generate(*, message_id: int, manager: GpuManager) -> None:
+    reply = Message.objects.select_related("conversation").filter(pk=message_id).first()
+    if reply is None or reply.is_finished:
+        return
+    choice = model_resolve(reply.model_name)
+    run = _Run(reply)
+    gen = choice.generation
+    try:
+        result = manager.engine(choice.name).generate(
+            history(reply), max_new_tokens=gen["max_new_tokens"], temperature=gen["temperature"],
+            top_p=gen["top_p"], on_text=run.relay.push, should_stop=run.should_stop,
+        )
+    except Exception as exc:
+        run.fail(exc)
+        raise
+    run.finish(Outcome(result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens))
+
+
+# --- CPU workers ------------------------------------------------------------
+
+def external_reply_generate(*, message_id: int) -> None:
+    started = reply_start(message_id)
+    if started is None:
+        return
+    reply, choice = started
+    run = _Run(reply)
+    chunks = _ollama_chunks(choice, reply) if choice.kind == "ollama" else _openai_chunks(choice, reply)
+    outcome = Outcome(text="", finish_reason="stop")
+    try:
+        for text, finish, prompt_tokens, completion_tokens in chunks:
+            run.relay.push(text)
+            outcome.finish_reason = finish or outcome.finish_reason
+            outcome.prompt_tokens = prompt_tokens or outcome.prompt_tokens
+            outcome.completion_tokens = completion_tokens or outcome.completion_tokens
+            if run.should_stop():
+                outcome.finish_reason = "cancelled"
+                break
+    except Exception as exc:
+        run.fail(exc)
+        raise
+    finally:
+        chunks.close()  # closes the HTTP response: the upstream stops generating
+    run.finish(outcome)
+
+
+def _ollama_chunks(choice: ModelChoice, reply: Message) -> Iterator[tuple[str, str, int, int]]:
+    gen = choice.generation
+    options = {"num_predict": gen["max_new_tokens"], "temperature": gen["temperature"], "top_p": gen["top_p"]}
+    for chunk in ollama_chat_stream(choice.base_url, model=choice.upstream, messages=history(reply),
+                                    options=options):
+        finish = ("length" if chunk.done_reason == "length" else "stop") if chunk.done else ""
+        yield chunk.text, finish, chunk.prompt_tokens, chunk.completion_tokens
+
+
+def _openai_chunks(choice: ModelChoice, reply: Message) -> Iterator[tuple[str, str, int, int]]:
+    gen = choice.generation
+    for chunk in openai_chat_stream(choice.base_url, choice.api_key, model=choice.upstream,
+                                    messages=history(reply), max_tokens=gen["max_new_tokens"],
+                                    temperature=gen["temperature"], top_p=gen["top_p"]):
+        finish = "length" if chunk.finish_reason == "length" else ("stop" if chunk.finish_reason else "")
+        yield chunk.text, finish, chunk.prompt_tokens, chunk.completion_tokens

@@ -1,0 +1,231 @@
+"""Settings, all from the environment (CONTRACT §2); a `.env` file in the
+project root is read too, without overriding variables already set."""
+import os
+from pathlib import Path
+
+import dj_database_url
+from dotenv import load_dotenv
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("CHAT_VAR_DIR", BASE_DIR / "var"))
+load_dotenv(BASE_DIR / ".env", override=False)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def private_redis_url() -> str:
+    """`make run` starts a private Redis and writes its port to var/redis.port,
+    so that `manage.py` commands in the same checkout find it with no setting."""
+    port_file = VAR_DIR / "redis.port"
+    if port_file.exists():
+        return f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
+    return "redis://127.0.0.1:6379/0"
+
+
+# --- Django -----------------------------------------------------------------
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "dev-only-insecure-key-change-me-in-production")
+DEBUG = env_bool("DJANGO_DEBUG", True)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chat",
+    "gpu_manager",
+    "workers",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatsite.urls"
+ASGI_APPLICATION = "chatsite.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+DATABASES = {
+    "default": dj_database_url.config(
+        default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}", conn_max_age=0
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The web process and two workers write the same file: WAL lets readers
+    # run beside a writer, IMMEDIATE takes the write lock at BEGIN (no
+    # upgrade deadlocks), and the timeout waits for a lock instead of failing
+    # with "database is locked" (Django 5.1+ SQLite notes).
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+    }
+    # Workers are separate processes: the test database must be a file.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
+# WhiteNoise serves static files from the ASGI server itself: GPU boxes are
+# often offline and have no separate web server in front.
+WHITENOISE_USE_FINDERS = True
+
+# --- Redis: broker, results, channel layer, cache, GPU state -----------------
+
+REDIS_URL = os.environ.get("REDIS_URL") or private_redis_url()
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "cache",
+    }
+}
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            # group_send drops silently when a channel holds `capacity`
+            # messages (channels_redis spec; #131). Deltas are coalesced to
+            # ~25/s, so 1000 is 40 s of backlog for a stalled socket.
+            "capacity": 1000,
+            "expiry": 60,
+        },
+    }
+}
+
+# --- Celery (CELERY_ namespace, see chatsite/celery.py) ----------------------
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_RESULT_BACKEND = REDIS_URL
+CELERY_RESULT_EXPIRES = 3600
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+# Local-model work is pinned to the one GPU worker; everything that only
+# talks HTTP to Ollama or an OpenAI endpoint runs on the CPU workers.
+CELERY_TASK_ROUTES = {
+    "workers.tasks.gpu_*": {"queue": "gpu"},
+    "workers.tasks.cpu_*": {"queue": "cpu"},
+}
+CELERY_TASK_DEFAULT_QUEUE = "cpu"
+# Acknowledge after the task ran, so a message is not lost when a worker dies
+# mid-task; one message reserved at a time, so the GPU worker never holds a
+# second request that the solo pool could not start anyway (Celery
+# "Prefetch limits" docs; FIELD-NOTES "Celery GPU worker").
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Generation limits: the soft limit raises inside the task so that it can end
+# the message with an error; the hard limit kills a stuck one.
+CHAT_TASK_SOFT_TIME_LIMIT = int(os.environ.get("CHAT_TASK_SOFT_TIME_LIMIT", 600))
+CELERY_TASK_SOFT_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT
+CELERY_TASK_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT + 60
+# Redis redelivers an unacknowledged message after the visibility timeout
+# (default 1 h); it must exceed the hard time limit or a long generation
+# would run twice (celery #5935).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2 * CELERY_TASK_TIME_LIMIT}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# --- Outside model servers (CONTRACT §2) ------------------------------------
+
+OLLAMA_BASE_URL = os.environ.get("OLLAMA_BASE_URL", "http://127.0.0.1:11434")
+OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "")
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")
+#: Seconds to wait for an outside server to accept a connection; a down
+#: endpoint must fail a request quickly, not hang the picker.
+UPSTREAM_CONNECT_TIMEOUT = float(os.environ.get("UPSTREAM_CONNECT_TIMEOUT", 2.0))
+#: Seconds between two streamed chunks before an upstream counts as stalled.
+UPSTREAM_READ_TIMEOUT = float(os.environ.get("UPSTREAM_READ_TIMEOUT", 120.0))
+#: Discovered model lists are cached this long: short enough that a model
+#: pulled into Ollama shows up at once, long enough that a page load does not
+#: hit every endpoint.
+MODEL_DISCOVERY_TTL = float(os.environ.get("MODEL_DISCOVERY_TTL", 10.0))
+
+# --- GPU manager ------------------------------------------------------------
+
+#: Name of this GPU worker's slot; one worker per GPU (issue 8 adds more).
+GPU_SLOT = os.environ.get("GPU_SLOT", "0")
+#: "auto" = cuda when available, else cpu.
+GPU_DEVICE = os.environ.get("GPU_DEVICE", "auto")
+#: Ollama answers an unload before its VRAM is free; poll /api/ps this long
+#: (its own server waits up to 5 s for VRAM to come back: FIELD-NOTES).
+OLLAMA_UNLOAD_TIMEOUT = float(os.environ.get("OLLAMA_UNLOAD_TIMEOUT", 15.0))
+OLLAMA_UNLOAD_POLL = 0.05
+#: CONTRACT §5 asks for at least the last 500 transitions.
+GPU_EVENTS_KEPT = 1000
+
+DEMO_MODEL_DIR = Path(os.environ.get("DEMO_MODEL_DIR", VAR_DIR / "models" / "local_demo"))
+
+# --- Chat -------------------------------------------------------------------
+
+CHAT_MAX_CONTENT_CHARS = int(os.environ.get("CHAT_MAX_CONTENT_CHARS", 32_000))
+#: Deltas are flushed to the socket at most this often (seconds): one
+#: group_send costs ~1.7 ms (FIELD-NOTES), so one per token would cost more
+#: than a tiny model's token; 40 ms still reads as smooth streaming.
+CHAT_DELTA_FLUSH_SECONDS = 0.04
+#: A cancel flag outlives any generation (seconds).
+CHAT_CANCEL_TTL = 3600
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+}
+#: Seconds /readyz waits for workers to answer a ping; a broadcast round trip
+#: on a local Redis takes milliseconds, so one second means "not there".
+READYZ_WORKER_TIMEOUT = 1.0

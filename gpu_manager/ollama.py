@@ -1,0 +1,141 @@
+"""Everything this project asks of an Ollama server, through the official
+`ollama` client (HTTP API: https://github.com/ollama/ollama/blob/main/docs/api.md).
+
+Clients are built once per process and base URL: building one costs ~17 ms
+(an httpx client), more than the whole first-token latency we aim for.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import httpx
+import ollama
+from django.conf import settings
+
+
+class OllamaError(Exception):
+    code = "ollama_error"
+
+
+class OllamaUnavailable(OllamaError):
+    code = "endpoint_unavailable"
+
+
+class OllamaModelMissing(OllamaError):
+    code = "model_not_found"
+
+
+class OllamaUnloadTimeout(OllamaError):
+    code = "unload_timeout"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    size_vram: int
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    models: list[str]
+    size_vram_freed: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    text: str
+    done: bool = False
+    done_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@functools.lru_cache(maxsize=32)
+def ollama_client(base_url: str) -> ollama.Client:
+    timeout = httpx.Timeout(settings.UPSTREAM_READ_TIMEOUT, connect=settings.UPSTREAM_CONNECT_TIMEOUT)
+    return ollama.Client(host=base_url, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _translated(base_url: str) -> Iterator[None]:
+    """Turn the client's transport and HTTP errors into this module's."""
+    try:
+        yield
+    except (httpx.TransportError, ConnectionError) as exc:
+        raise OllamaUnavailable(f"Ollama at {base_url} does not answer: {exc}") from exc
+    except ollama.ResponseError as exc:
+        if exc.status_code == 404:
+            raise OllamaModelMissing(f"Ollama at {base_url}: {exc.error}") from exc
+        raise OllamaError(f"Ollama at {base_url} answered {exc.status_code}: {exc.error}") from exc
+
+
+def _call(base_url: str, fn: Callable):
+    with _translated(base_url):
+        return fn(ollama_client(base_url))
+
+
+def ollama_tags(base_url: str) -> list[str]:
+    """Tags of the models the server has pulled (`GET /api/tags`)."""
+    listed = _call(base_url, lambda c: c.list())
+    return [m.model for m in listed.models if m.model]
+
+
+def ollama_ps(base_url: str) -> list[LoadedModel]:
+    """Models the server holds in memory now (`GET /api/ps`)."""
+    running = _call(base_url, lambda c: c.ps())
+    return [LoadedModel(name=m.model or m.name, size_vram=m.size_vram or 0) for m in running.models]
+
+
+def ollama_unload_all(base_url: str, *, timeout: float, poll: float) -> UnloadResult:
+    """Unload every model `/api/ps` lists and wait until it lists none.
+
+    Ollama has no unload-all, and it answers `keep_alive: 0` before the memory
+    is free, so the only proof is `/api/ps` coming back empty (FIELD-NOTES).
+    """
+    started = time.monotonic()
+    loaded = ollama_ps(base_url)
+    for model in loaded:
+        _call(base_url, lambda c, name=model.name: c.generate(model=name, keep_alive=0))
+    deadline = started + timeout
+    remaining = loaded
+    while remaining:
+        if time.monotonic() > deadline:
+            names = ", ".join(m.name for m in remaining)
+            raise OllamaUnloadTimeout(f"Ollama at {base_url} still lists {names} after {timeout:.0f} s")
+        time.sleep(poll)
+        remaining = ollama_ps(base_url)
+    return UnloadResult(
+        models=[m.name for m in loaded],
+        size_vram_freed=sum(m.size_vram for m in loaded),
+        seconds=time.monotonic() - started,
+    )
+
+
+def ollama_chat_stream(
+    base_url: str, *, model: str, messages: list[dict], options: dict
+) -> Iterator[ChatChunk]:
+    """Stream a chat reply (`POST /api/chat`, NDJSON). Closing the generator
+    closes the HTTP response, which is how a cancel stops Ollama's work."""
+    # The client's stream is a generator: errors surface while iterating.
+    stream = _call(base_url, lambda c: c.chat(model=model, messages=messages, options=options, stream=True))
+    try:
+        with _translated(base_url):
+            for part in stream:
+                if part.done:
+                    yield ChatChunk(
+                        text=part.message.content or "",
+                        done=True,
+                        done_reason=part.done_reason or "stop",
+                        prompt_tokens=part.prompt_eval_count or 0,
+                        completion_tokens=part.eval_count or 0,
+                    )
+                    return
+                yield ChatChunk(text=part.message.content or "")
+    finally:
+        stream.close()
+    raise OllamaUnavailable(f"Ollama at {base_url} ended the stream without its final chunk")

@@ -1,0 +1,102 @@
+"""The GPU's state in Redis: who owns it, what is resident, and an epoch.
+
+Readers anywhere (the status API, the CPU workers, the admin) see the same
+truth as the GPU worker that writes it. Every write names the epoch it read
+and fails if another writer came between (fencing), so a stale writer can
+never overwrite a newer state.
+
+Keys, per slot S:
+  gpu:slot:S          hash  owner, local_models (JSON), ollama_models (JSON), epoch, updated_at
+  gpu:slot:S:events   list  JSON transitions, oldest first, trimmed to GPU_EVENTS_KEPT
+  gpu:slots           set   every slot that has ever written
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from django.conf import settings
+
+from chatsite.redis_client import redis_client
+
+OWNERS = ("none", "local", "ollama", "openai")
+
+# Compare-and-set in one round trip: Redis runs a script atomically, so no
+# other writer can slip between the epoch check and the write.
+_WRITE = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if current ~= tonumber(ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'local_models', ARGV[3],
+           'ollama_models', ARGV[4], 'updated_at', ARGV[5], 'epoch', current + 1)
+redis.call('SADD', KEYS[2], ARGV[6])
+return current + 1
+"""
+
+
+class StaleState(Exception):
+    """Another writer changed the state since it was read."""
+
+
+@dataclass
+class GpuState:
+    slot: str
+    owner: str = "none"
+    local_models: list[str] = field(default_factory=list)
+    ollama_models: list[str] = field(default_factory=list)
+    epoch: int = 0
+    updated_at: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class GpuStateStore:
+    def __init__(self, *, slot: str):
+        self.slot = slot
+        self.key = f"gpu:slot:{slot}"
+        self.events_key = f"{self.key}:events"
+        self._redis = redis_client()
+        self._write = self._redis.register_script(_WRITE)
+
+    def read(self) -> GpuState:
+        raw = self._redis.hgetall(self.key)
+        if not raw:
+            return GpuState(slot=self.slot)
+        return GpuState(
+            slot=self.slot,
+            owner=raw.get("owner", "none"),
+            local_models=json.loads(raw.get("local_models", "[]")),
+            ollama_models=json.loads(raw.get("ollama_models", "[]")),
+            epoch=int(raw.get("epoch", 0)),
+            updated_at=float(raw.get("updated_at", 0)),
+        )
+
+    def write(self, state: GpuState, **changes) -> GpuState:
+        """Write `state` with `changes` applied, if nobody wrote since it was read."""
+        new = GpuState(**{**state.as_dict(), **changes})
+        if new.owner not in OWNERS:
+            raise ValueError(f"unknown GPU owner {new.owner!r}")
+        new.updated_at = time.time()
+        epoch = self._write(
+            keys=[self.key, "gpu:slots"],
+            args=[state.epoch, new.owner, json.dumps(new.local_models), json.dumps(new.ollama_models),
+                  new.updated_at, self.slot],
+        )
+        if epoch == -1:
+            raise StaleState(f"GPU slot {self.slot} changed since epoch {state.epoch}")
+        new.epoch = epoch
+        return new
+
+    def event_add(self, event: dict) -> None:
+        pipe = self._redis.pipeline()
+        pipe.rpush(self.events_key, json.dumps(event))
+        pipe.ltrim(self.events_key, -settings.GPU_EVENTS_KEPT, -1)
+        pipe.execute()
+
+    def events(self, limit: int = 500) -> list[dict]:
+        return [json.loads(e) for e in self._redis.lrange(self.events_key, -limit, -1)]
+
+
+def gpu_slots() -> list[str]:
+    return sorted(redis_client().smembers("gpu:slots")) or [settings.GPU_SLOT]

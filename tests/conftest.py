@@ -1,0 +1,171 @@
+"""Shared fixtures: real Celery workers as subprocesses, the demo model, a
+logged-in websocket, and condition waits (never bare sleeps)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.db import connection
+
+from chatsite.celery import app
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_READY_TIMEOUT = 90.0
+
+
+def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Workers:
+    """The GPU worker and a CPU worker, started exactly as `make run` starts
+    them (chat/management/commands/runstack.py), against the test database."""
+
+    def __init__(self, var: Path, database: str):
+        self.var = var
+        self.database = database
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def argv(self, name: str) -> list[str]:
+        from chat.management.commands.runstack import stack_commands
+
+        for proc_name, argv in stack_commands(host="127.0.0.1", port=0):
+            if proc_name == f"{name}-worker":
+                return [a.replace("@%h", "@test") for a in argv]
+        raise KeyError(name)
+
+    def start(self, name: str) -> None:
+        env = {**os.environ, "DATABASE_URL": f"sqlite:///{self.database}", "PYTHONUNBUFFERED": "1"}
+        log = open(self.var / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(self.argv(name), cwd=ROOT, env=env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        node = f"{name}@test"
+
+        def answered() -> bool:
+            if self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} worker exited:\n{self.log(name)}")
+            return any(node in reply for reply in app.control.ping(destination=[node], timeout=0.5))
+
+        wait_for(answered, timeout=WORKER_READY_TIMEOUT, interval=0.2, what=f"{name} worker")
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log(self, name: str) -> str:
+        path = self.var / f"{name}.log"
+        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def workers(stack, django_db_setup, django_db_blocker):
+    with django_db_blocker.unblock():
+        database = connection.settings_dict["NAME"]
+    running = Workers(stack.var, database)
+    try:
+        for name in ("gpu", "cpu"):
+            running.start(name)
+        yield running
+    finally:
+        for name in list(running.procs):
+            running.stop(name)
+
+
+@pytest.fixture(autouse=True)
+def fakes_reset(stack):
+    """Each test starts with well-behaved outside servers and empty logs."""
+    for fake, defaults in ((stack.ollama, OLLAMA_DEFAULTS), (stack.openai, OPENAI_DEFAULTS)):
+        for attr, value in defaults.items():
+            setattr(fake, attr, value)
+        if fake.url is None:
+            fake.start()
+        fake.clear()
+    yield
+
+
+OLLAMA_DEFAULTS = {"models": ("qwen:7b",), "reply": "Hello from fake Ollama.", "token_delay": 0.0,
+                   "unload_delay": 0.0, "fail": None}
+OPENAI_DEFAULTS = {"models": ("gpt-4o-mini",), "reply": "Hello from fake OpenAI.", "token_delay": 0.0,
+                   "fail_status": None, "slow_seconds": None}
+
+
+@pytest.fixture
+def demo_model(transactional_db):
+    from chat.catalog import catalog_forget
+    from chat.management.commands.demo_model import demo_model_ensure
+
+    config = demo_model_ensure()
+    catalog_forget()
+    return config
+
+
+@pytest.fixture
+def user(transactional_db, django_user_model):
+    return django_user_model.objects.create_user(username="alice", password="pw-alice-123")
+
+
+def session_cookie(user) -> str:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    return client.cookies["sessionid"].value
+
+
+@pytest.fixture
+def ws_headers(user) -> list[tuple[bytes, bytes]]:
+    return [(b"cookie", f"sessionid={session_cookie(user)}".encode()), (b"origin", b"http://localhost")]
+
+
+def communicator(headers: list[tuple[bytes, bytes]]) -> WebsocketCommunicator:
+    from chatsite.asgi import application
+
+    return WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+
+
+async def frames_until(comm: WebsocketCommunicator, done, *, timeout: float = 60.0) -> list[dict]:
+    """Receive frames until `done(frame)` is true for one; return them all."""
+    frames = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise AssertionError(f"no final frame within {timeout} s; got {frames}")
+        frame = json.loads(await comm.receive_from(timeout=remaining))
+        frames.append(frame)
+        if done(frame):
+            return frames
+
+
+def ends(message_id: int):
+    return lambda f: f.get("type") in ("chat.done", "chat.error") and f.get("message") == message_id
+
+
+async def send_and_finish(comm, *, model: str, content: str, conversation=None, timeout: float = 60.0):
+    """Send one chat message; return (accepted frame, every later frame up to its end)."""
+    await comm.send_json_to({"type": "chat.send", "model": model, "content": content,
+                             "conversation": conversation, "client_id": f"c-{time.monotonic_ns()}"})
+    accepted = (await frames_until(comm, lambda f: f["type"] in ("chat.accepted", "chat.error"), timeout=timeout))[-1]
+    assert accepted["type"] == "chat.accepted", accepted
+    frames = await frames_until(comm, ends(accepted["message"]), timeout=timeout)
+    return accepted, frames
+
