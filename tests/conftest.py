@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from channels.testing import WebsocketCommunicator
@@ -35,9 +36,9 @@ class Workers:
     """The GPU worker and a CPU worker, started exactly as `make run` starts
     them (chat/management/commands/runstack.py), against the test database."""
 
-    def __init__(self, var: Path, database: str):
+    def __init__(self, var: Path, database_url: str):
         self.var = var
-        self.database = database
+        self.database_url = database_url
         self.procs: dict[str, subprocess.Popen] = {}
 
     def argv(self, name: str) -> list[str]:
@@ -49,7 +50,7 @@ class Workers:
         raise KeyError(name)
 
     def start(self, name: str) -> None:
-        env = {**os.environ, "DATABASE_URL": f"sqlite:///{self.database}", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "DATABASE_URL": self.database_url, "PYTHONUNBUFFERED": "1"}
         log = open(self.var / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(self.argv(name), cwd=ROOT, env=env, stdout=log,
                                             stderr=subprocess.STDOUT)
@@ -76,11 +77,18 @@ class Workers:
         return path.read_text(errors="replace")[-5000:] if path.exists() else ""
 
 
+def test_database_url(db: dict) -> str:
+    """The URL of the test database pytest-django created, for the workers."""
+    if db["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{db['NAME']}"
+    scheme = {"postgresql": "postgres", "mysql": "mysql"}[db["ENGINE"].rsplit(".", 1)[-1]]
+    auth = f"{quote(db['USER'])}:{quote(db['PASSWORD'])}@" if db.get("USER") else ""
+    return f"{scheme}://{auth}{db.get('HOST') or 'localhost'}:{db.get('PORT') or ''}/{db['NAME']}"
+
+
 @pytest.fixture(scope="session")
 def workers(stack, django_db_setup, django_db_blocker):
-    with django_db_blocker.unblock():
-        database = connection.settings_dict["NAME"]
-    running = Workers(stack.var, database)
+    running = Workers(stack.var, test_database_url(connection.settings_dict))
     try:
         for name in ("gpu", "cpu"):
             running.start(name)

@@ -31,7 +31,7 @@ def stack_commands(*, host: str, port: int) -> list[tuple[str, list[str]]]:
     return [
         ("web", [
             python, "-m", "uvicorn", "chatsite.asgi:application",
-            "--host", host, "--port", str(port), "--ws", "websockets", "--lifespan", "off",
+            "--host", host, "--port", str(port), "--ws", "websockets-sansio", "--lifespan", "off",
         ]),
         ("gpu-worker", [
             python, "-m", "celery", "-A", "chatsite", "worker", "-Q", "gpu",
