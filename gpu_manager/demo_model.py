@@ -212,12 +212,20 @@ def _silence_special_tokens(model, tokenizer) -> None:
     # lm_head has no bias), while the largest of the ~700 other random logits
     # is positive unless every one of them is negative (odds about 2**-700).
     # The same for the other special tokens, so greedy output never contains
-    # a role marker or padding and always decodes to visible text.
+    # a role marker or padding, and for byte tokens that do not decode to
+    # printable text on their own (a lone UTF-8 continuation byte shows as
+    # U+FFFD, a control byte as nothing), so the demo's random replies at
+    # least read as words and characters in the chat page.
     import torch
 
     ids = tokenizer.convert_tokens_to_ids(list(_SPECIAL_TOKENS))
+    ids += [i for i in range(len(tokenizer)) if not _printable(tokenizer.decode([i]))]
     with torch.no_grad():
         model.lm_head.weight[ids] = 0.0
+
+
+def _printable(text: str) -> bool:
+    return bool(text) and "\ufffd" not in text and all(c.isprintable() or c in " \n" for c in text)
 
 
 def _generates_fully(model, tokenizer) -> bool:
