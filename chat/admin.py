@@ -1,6 +1,7 @@
 from django import forms
 from django.contrib import admin
 
+from chat.catalog import catalog_forget
 from chat.models import Conversation, Message, ModelConfig
 
 
@@ -37,6 +38,14 @@ class ModelConfigAdmin(admin.ModelAdmin):
         "kind", "name", "enabled", "is_default", "path", "base_url", "api_key", "clear_api_key",
         "frees_gpu", "max_new_tokens", "temperature", "top_p",
     )
+
+    def save_model(self, request, obj, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        catalog_forget()  # the picker shows the edit at once, not after the cache TTL
+
+    def delete_model(self, request, obj) -> None:
+        super().delete_model(request, obj)
+        catalog_forget()
 
     @admin.display(description="directory / URL")
     def target(self, obj: ModelConfig) -> str:

@@ -7,7 +7,6 @@ process keeps one event loop in a daemon thread and submits sends to it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
 import time
 
@@ -22,11 +21,19 @@ def message_group(message_id: int) -> str:
     return f"msg.{message_id}"
 
 
-@functools.lru_cache(maxsize=1)
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
 def _layer_loop() -> asyncio.AbstractEventLoop:
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, name="channel-layer", daemon=True).start()
-    return loop
+    # The CPU worker's threads race to the first send: the lock makes sure
+    # they share one loop (and one set of Redis connections).
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="channel-layer", daemon=True).start()
+        return _loop
 
 
 def group_send(group: str, event: dict) -> None:

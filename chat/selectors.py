@@ -6,8 +6,9 @@ from gpu_manager.state import GpuStateStore, gpu_slots
 
 
 def gpu_status(*, events_limit: int = 500) -> dict:
-    """CONTRACT §5. Memory figures are the GPU worker's, taken at its last
-    transition: the web process holds no model and must not probe the device."""
+    """CONTRACT §5. Memory figures are the GPU worker's, read at its start and
+    after each transition: the web process holds no model and must not
+    probe the device."""
     slots, events = [], []
     for slot in gpu_slots():
         store = GpuStateStore(slot=slot)
@@ -19,7 +20,7 @@ def gpu_status(*, events_limit: int = 500) -> dict:
             "owner": state.owner,
             "local_models": state.local_models,
             "ollama_models": state.ollama_models,
-            "memory": _last_memory(slot_events),
+            "memory": store.memory(),
             "epoch": state.epoch,
         })
     events.sort(key=lambda e: e["at"])
@@ -40,14 +41,6 @@ def models_available() -> dict:
         "default": default_model_name(),
         "errors": errors,
     }
-
-
-def _last_memory(events: list[dict]) -> dict:
-    for event in reversed(events):
-        if "after" in event:
-            after = event["after"]
-            return {k: after.get(k, 0) for k in ("device", "allocated", "reserved", "free", "total")}
-    return {"device": "unknown", "allocated": 0, "reserved": 0, "free": 0, "total": 0}
 
 
 def _public_event(event: dict) -> dict:

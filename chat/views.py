@@ -1,7 +1,6 @@
 """HTTP views: the chat page, the GPU status and model APIs, health checks."""
 from __future__ import annotations
 
-from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -9,8 +8,8 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from chat import selectors
-from chatsite.celery import app
 from chatsite.redis_client import redis_client
+from workers.heartbeat import workers_alive
 
 
 def api_login_required(view):
@@ -61,14 +60,9 @@ def readyz(request: HttpRequest) -> JsonResponse:
     except Exception as exc:
         missing.append(f"redis: {exc}")
     else:
-        queues = _worker_queues()
+        alive = workers_alive()
         for queue in ("gpu", "cpu"):
-            if queue not in queues:
+            if not alive.get(queue):
                 missing.append(f"{queue} worker: none answered")
     status = 503 if missing else 200
     return JsonResponse({"status": "ready" if not missing else "not ready", "missing": missing}, status=status)
-
-
-def _worker_queues() -> set[str]:
-    replies = app.control.inspect(timeout=settings.READYZ_WORKER_TIMEOUT).active_queues() or {}
-    return {queue["name"] for queues in replies.values() for queue in queues}

@@ -135,7 +135,12 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
+            # redis-py 8 gives every connection a 5 s socket timeout, and
+            # channels_redis blocks in BZPOPMIN for exactly 5 s: an idle
+            # socket's receive loop then dies with "Timeout reading". A read
+            # timeout well above the blocking pop keeps idle sockets alive
+            # while a dead Redis is still noticed.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
             # group_send drops silently when a channel holds `capacity`
             # messages (channels_redis spec; #131). Deltas are coalesced to
             # ~25/s, so 1000 is 40 s of backlog for a stalled socket.
@@ -226,6 +231,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
-#: Seconds /readyz waits for workers to answer a ping; a broadcast round trip
-#: on a local Redis takes milliseconds, so one second means "not there".
-READYZ_WORKER_TIMEOUT = 1.0
+#: Workers refresh a liveness key this often (seconds); /readyz counts a
+#: worker as gone when its key is older than the TTL (three missed beats).
+WORKER_HEARTBEAT_SECONDS = 5.0
+WORKER_HEARTBEAT_TTL = 15

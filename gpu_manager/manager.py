@@ -77,6 +77,7 @@ class GpuManager:
                         state.local_models)
             state = self.store.write(state, owner=owner, local_models=[])
             self._event("owner_change", model="", seconds=0.0, freed_bytes=0, note="repaired at start")
+        self.store.memory_write(memory_snapshot(self.device))
         return state
 
     def prepare_local(
@@ -178,6 +179,7 @@ class GpuManager:
     def _event(self, kind: str, **fields) -> dict:
         event = {"at": time.time(), "slot": self.slot, "kind": kind, **fields}
         self.store.event_add(event)
+        self.store.memory_write(fields.get("after") or memory_snapshot(self.device))
         log.info("GPU slot %s: %s %s freed=%s seconds=%.3f", self.slot, kind, fields.get("model"),
                  fields.get("freed_bytes"), fields.get("seconds", 0.0))
         return event

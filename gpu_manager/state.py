@@ -8,6 +8,7 @@ never overwrite a newer state.
 Keys, per slot S:
   gpu:slot:S          hash  owner, local_models (JSON), ollama_models (JSON), epoch, updated_at
   gpu:slot:S:events   list  JSON transitions, oldest first, trimmed to GPU_EVENTS_KEPT
+  gpu:slot:S:memory   JSON  the worker's last memory reading (device, allocated, reserved, free, total)
   gpu:slots           set   every slot that has ever written
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ class GpuStateStore:
         self.slot = slot
         self.key = f"gpu:slot:{slot}"
         self.events_key = f"{self.key}:events"
+        self.memory_key = f"{self.key}:memory"
         self._redis = redis_client()
         self._write = self._redis.register_script(_WRITE)
 
@@ -93,6 +95,17 @@ class GpuStateStore:
         pipe.rpush(self.events_key, json.dumps(event))
         pipe.ltrim(self.events_key, -settings.GPU_EVENTS_KEPT, -1)
         pipe.execute()
+
+    def memory_write(self, reading: dict) -> None:
+        self._redis.set(self.memory_key, json.dumps(reading))
+
+    def memory(self) -> dict:
+        raw = self._redis.get(self.memory_key)
+        reading = json.loads(raw) if raw else {}
+        return {
+            "device": reading.get("device", "unknown"),
+            **{k: reading.get(k, 0) for k in ("allocated", "reserved", "free", "total")},
+        }
 
     def events(self, limit: int = 500) -> list[dict]:
         return [json.loads(e) for e in self._redis.lrange(self.events_key, -limit, -1)]

@@ -1,6 +1,7 @@
 """The websocket consumer through WebsocketCommunicator, on the real ASGI
 application (session auth, origin check), the Redis channel layer and real
 workers."""
+import asyncio
 import json
 
 import pytest
@@ -101,4 +102,16 @@ async def test_cancel_stops_a_long_generation(ws_headers, demo_model, workers, s
     reply = await Message.objects.aget(pk=accepted["message"])
     assert reply.status == "cancelled"
     assert len(reply.content) < len(stack.ollama.reply)
+    await comm.disconnect()
+
+
+async def test_idle_socket_outlives_the_channel_layer_blocking_read(ws_headers, demo_model, workers):
+    """Regression: redis-py 8's default 5 s socket timeout equals
+    channels_redis's 5 s BZPOPMIN, and killed every socket idle for ~5 s.
+    Idling is the behaviour under test, so this waits on purpose."""
+    comm = communicator(ws_headers)
+    await comm.connect()
+    await asyncio.sleep(12)
+    _, frames = await send_and_finish(comm, model="ollama_qwen:7b", content="still there?")
+    assert frames[-1]["type"] == "chat.done"
     await comm.disconnect()

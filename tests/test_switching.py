@@ -122,3 +122,24 @@ async def test_ollama_missing_model_fails_clearly_and_keeps_the_local_model(ws_h
     assert state.owner == "local" and state.local_models == ["local_demo"] and state.epoch == epoch
     assert stack.ollama.requests_to("/api/chat") == []
     await comm.disconnect()
+
+
+async def test_restarted_gpu_worker_repairs_a_stale_state(ws_headers, demo_model, workers):
+    comm = communicator(ws_headers)
+    await comm.connect()
+    await send_and_finish(comm, model="local_demo", content="load it")
+    assert store().read().local_models == ["local_demo"]
+    # The worker goes away; its models go with its process, but the state
+    # in Redis still says they are resident.
+    await sync_to_async(workers.stop)("gpu")
+    assert store().read().local_models == ["local_demo"]
+    await sync_to_async(workers.start)("gpu")
+    # start() returns once the worker answers a ping, which comes after its
+    # repair: the state now tells the truth.
+    state = store().read()
+    assert state.local_models == [] and state.owner == "none"
+    assert store().events(1)[-1]["kind"] == "owner_change"
+    _, frames = await send_and_finish(comm, model="local_demo", content="works again")
+    assert frames[-1]["type"] == "chat.done"
+    assert store().read().local_models == ["local_demo"]
+    await comm.disconnect()

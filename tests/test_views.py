@@ -3,21 +3,20 @@ Django's test client on the real Redis and the fake outside servers, and the
 websocket's answer when an endpoint is down."""
 import json
 import re
+import socket
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
 from asgiref.sync import sync_to_async
-from celery import Celery
 from django.conf import settings
-from django.test import Client
+from django.test import AsyncClient, Client
 
 from chat.catalog import catalog_forget
 from chat.models import Message
 from chatsite.redis_client import redis_client
 from gpu_manager.state import GpuStateStore
-from tests.conftest import communicator, send_and_finish
+from tests.conftest import communicator, ends, frames_until, send_and_finish
 
 TEST_SLOTS = ("test-slot", "test-slot-b")
 
@@ -49,13 +48,11 @@ def test_slots():
     yield [GpuStateStore(slot=s) for s in TEST_SLOTS]
     r = redis_client()
     for slot in TEST_SLOTS:
-        r.delete(f"gpu:slot:{slot}", f"gpu:slot:{slot}:events")
+        r.delete(f"gpu:slot:{slot}", f"gpu:slot:{slot}:events", f"gpu:slot:{slot}:memory")
         r.srem("gpu:slots", slot)
 
 
 def unused_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -81,22 +78,14 @@ def test_readyz_names_redis_when_redis_is_down(client, monkeypatch):
 
 
 @pytest.fixture
-def workerless_app():
-    """A Celery app on a Redis database no worker consumes from: its control
-    broadcasts (prefixed per database by kombu) reach nobody, whether or not
-    the session's workers are up."""
-    parts = urlsplit(settings.CELERY_BROKER_URL)
-    url = urlunsplit(parts._replace(path="/15"))
-    app = Celery("readyz-probe", broker=url, backend=url)
-    try:
-        yield app
-    finally:
-        app.close()
+def no_heartbeats(monkeypatch):
+    """Point the liveness check at keys no worker writes, whether or not the
+    session's workers are up."""
+    monkeypatch.setattr("workers.heartbeat.KEY_PREFIX", "worker:alive-nobody")
 
 
 @pytest.mark.django_db
-def test_readyz_names_missing_gpu_and_cpu_workers(client, monkeypatch, workerless_app):
-    monkeypatch.setattr("chat.views.app", workerless_app)
+def test_readyz_names_missing_gpu_and_cpu_workers(client, no_heartbeats):
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json() == {"status": "not ready",
@@ -104,14 +93,38 @@ def test_readyz_names_missing_gpu_and_cpu_workers(client, monkeypatch, workerles
 
 
 @pytest.mark.django_db(transaction=True)
-def test_readyz_is_200_with_workers(client, workers, monkeypatch, workerless_app):
+def test_readyz_is_200_with_workers(client, workers, request):
     response = client.get("/readyz")
     assert response.status_code == 200, response.content
     assert response.json() == {"status": "ready", "missing": []}
-    # The probe app of the test above is blind to these very workers: its
-    # 503 is not an accident of timing.
-    monkeypatch.setattr("chat.views.app", workerless_app)
+    # The check of the test above is blind to these very workers: its 503
+    # is not an accident of timing.
+    request.getfixturevalue("no_heartbeats")
     assert client.get("/readyz").status_code == 503
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_readyz_stays_200_while_the_gpu_worker_is_busy(ws_headers, demo_model, workers, stack):
+    comm = communicator(ws_headers)
+    assert (await comm.connect())[0]
+    _, frames = await send_and_finish(comm, model="ollama_qwen:7b", content="take the GPU")
+    assert frames[-1]["type"] == "chat.done", frames
+    # Switching back to the local model makes the GPU task wait until
+    # Ollama's /api/ps is empty: the GPU worker is busy for these seconds.
+    stack.ollama.unload_delay = 4.0
+    await comm.send_json_to({"type": "chat.send", "model": "local_demo", "content": "back to local",
+                             "conversation": None, "client_id": "busy"})
+    accepted = await comm.receive_json_from(timeout=10)
+    assert accepted["type"] == "chat.accepted", accepted
+    await frames_until(comm, lambda f: f.get("phase") == "unloading_ollama", timeout=30)
+    try:
+        response = await AsyncClient().get("/readyz")
+        assert response.json()["missing"] == [] and response.status_code == 200, response.json()
+    finally:
+        frames = await frames_until(comm, ends(accepted["message"]), timeout=60)
+        await comm.disconnect()
+    assert frames[-1]["type"] == "chat.done", frames
 
 
 # --- GPU status (CONTRACT §5) -----------------------------------------------
@@ -126,17 +139,21 @@ def test_gpu_api_refuses_anonymous_with_401_json(client):
 
 def test_gpu_api_reflects_the_stored_state(logged_in, test_slots):
     store, other = test_slots
+    # Later than any real event, so the API's most recent events include them.
+    t = time.time() + 86_400
     memory = {"device": "cuda:0", "allocated": 1_000, "reserved": 2_000, "free": 70_000, "total": 80_000}
     state = store.write(store.read(), owner="local", local_models=["local_demo"])
-    store.event_add({"at": 1_000.5, "slot": store.slot, "kind": "owner_change", "model": "",
+    store.event_add({"at": t + 0.5, "slot": store.slot, "kind": "owner_change", "model": "",
                      "freed_bytes": 0, "seconds": 0.0})
     other.write(other.read(), owner="ollama", ollama_models=["qwen:7b"])
-    other.event_add({"at": 1_001.0, "slot": other.slot, "kind": "local_unload", "model": "local_demo",
+    other.event_add({"at": t + 1.0, "slot": other.slot, "kind": "local_unload", "model": "local_demo",
                      "freed_bytes": 123_456, "seconds": 0.25, "after": {**memory, "extra": 1}})
-    store.event_add({"at": 1_002.0, "slot": store.slot, "kind": "local_load", "model": "local_demo",
+    store.event_add({"at": t + 2.0, "slot": store.slot, "kind": "local_load", "model": "local_demo",
                      "freed_bytes": 0, "seconds": 1.5, "before": {}, "after": memory})
-    # An event without a memory report does not hide the last one that had it.
-    store.event_add({"at": 1_003.0, "slot": store.slot, "kind": "owner_change", "model": "",
+    # The worker's last memory reading, as GpuManager records it.
+    store.memory_write(memory)
+    other.memory_write({**memory, "extra": 1})
+    store.event_add({"at": t + 3.0, "slot": store.slot, "kind": "owner_change", "model": "",
                      "freed_bytes": 0, "seconds": 0.01})
 
     response = logged_in.get("/api/gpu/")
@@ -157,13 +174,13 @@ def test_gpu_api_reflects_the_stored_state(logged_in, test_slots):
     ours = [e for e in body["events"] if e["slot"] in TEST_SLOTS]
     # Newest last, across slots.
     assert [(e["slot"], e["kind"], e["at"]) for e in ours] == [
-        ("test-slot", "owner_change", 1_000.5),
-        ("test-slot-b", "local_unload", 1_001.0),
-        ("test-slot", "local_load", 1_002.0),
-        ("test-slot", "owner_change", 1_003.0),
+        ("test-slot", "owner_change", t + 0.5),
+        ("test-slot-b", "local_unload", t + 1.0),
+        ("test-slot", "local_load", t + 2.0),
+        ("test-slot", "owner_change", t + 3.0),
     ]
     assert {k: ours[1][k] for k in ("at", "slot", "kind", "model", "freed_bytes", "seconds")} == {
-        "at": 1_001.0, "slot": "test-slot-b", "kind": "local_unload", "model": "local_demo",
+        "at": t + 1.0, "slot": "test-slot-b", "kind": "local_unload", "model": "local_demo",
         "freed_bytes": 123_456, "seconds": 0.25}
     ats = [e["at"] for e in body["events"]]
     assert ats == sorted(ats)
@@ -177,13 +194,15 @@ def test_gpu_api_follows_a_later_write(logged_in, test_slots):
     slot = _slot(logged_in, "test-slot")
     assert (slot["owner"], slot["local_models"], slot["epoch"]) == ("none", [], second.epoch)
     assert second.epoch == first.epoch + 1
-    assert slot["memory"] == {"device": "unknown", "allocated": 0, "reserved": 0, "free": 0, "total": 0}
+    # No transition has reported memory for this slot yet.
+    assert {k: v for k, v in slot["memory"].items() if k != "device"} == {
+        "allocated": 0, "reserved": 0, "free": 0, "total": 0}
 
 
 def test_gpu_api_keeps_the_last_500_events_newest_last(logged_in, test_slots):
     store = test_slots[0]
     store.write(store.read(), owner="none")  # the API lists slots that have written
-    base = time.time()
+    base = time.time() + 86_400  # newer than any real event
     for i in range(600):
         store.event_add({"at": base + i / 1000, "slot": store.slot, "kind": "owner_change",
                          "model": f"m{i}", "freed_bytes": 0, "seconds": 0.0})

@@ -4,10 +4,11 @@ Names decide routes (settings.CELERY_TASK_ROUTES): `gpu_*` run on the single
 GPU worker, `cpu_*` on the CPU workers.
 """
 from celery import shared_task
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
 from chat.generation import external_reply_generate, gpu_acquire_for_reply, local_reply_generate
 from workers.base import GpuTask, LocalModelTask, MessageTask
+from workers.heartbeat import heartbeat_start, heartbeat_stop
 
 
 @shared_task(base=LocalModelTask, bind=True)
@@ -25,9 +26,22 @@ def cpu_generate(message_id: int) -> None:
     external_reply_generate(message_id=message_id)
 
 
+_heartbeat = None
+
+
 @worker_ready.connect
-def gpu_state_repair(sender, **kwargs) -> None:
+def worker_started(sender, **kwargs) -> None:
     """A GPU worker that (re)starts holds no model: repair a state that says
-    otherwise before the first task is served."""
-    if "gpu" in sender.app.amqp.queues.consume_from:
+    otherwise before the first task is served. Every worker then reports
+    itself alive for /readyz."""
+    global _heartbeat
+    queues = sorted(sender.app.amqp.queues.consume_from)
+    if "gpu" in queues:
         gpu_generate.manager.repair()
+    _heartbeat = heartbeat_start(hostname=sender.hostname, queues=queues)
+
+
+@worker_shutdown.connect
+def worker_stopping(sender, **kwargs) -> None:
+    if _heartbeat is not None:
+        heartbeat_stop(_heartbeat, hostname=sender.hostname, queues=sorted(sender.app.amqp.queues.consume_from))
