@@ -36,7 +36,7 @@ class ModelConfigAdmin(admin.ModelAdmin):
     search_fields = ("name", "path", "base_url")
     fields = (
         "kind", "name", "enabled", "is_default", "path", "base_url", "api_key", "clear_api_key",
-        "frees_gpu", "max_new_tokens", "temperature", "top_p",
+        "frees_gpu", "keep_alive", "preload", "warm_offload", "max_new_tokens", "temperature", "top_p",
     )
 
     def save_model(self, request, obj, form, change) -> None:

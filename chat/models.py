@@ -40,6 +40,20 @@ class ModelConfig(models.Model):
             "original system does for any external model. Turn off for remote APIs."
         ),
     )
+    keep_alive = models.PositiveIntegerField(
+        "keep alive (seconds)", default=300,
+        help_text="Local models: unload after this long unused, like Ollama's keep_alive (0 = never).",
+    )
+    preload = models.BooleanField(
+        default=False, help_text="Local models: load this one too whenever the local models take the GPU back.",
+    )
+    warm_offload = models.BooleanField(
+        default=False,
+        help_text=(
+            "Local models: on unload keep the weights in host memory (pinned on CUDA), so that "
+            "taking the GPU back is a copy, not a reload."
+        ),
+    )
     max_new_tokens = models.PositiveIntegerField(default=512)
     temperature = models.FloatField(default=0.7)
     top_p = models.FloatField(default=0.95)
