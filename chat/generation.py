@@ -12,14 +12,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from django.conf import settings
 from django.utils import timezone
 
 from chat.catalog import ModelChoice, endpoints, model_resolve
-from chat.models import Message, MessageStatus
+from chat.models import Message, MessageStatus, ModelConfig, ModelKind
 from chat.openai_endpoint import openai_chat_stream
 from chat.relay import DeltaRelay, group_send, message_group
 from chat.services import cancel_requested, message_fail, message_finish
-from gpu_manager.manager import GpuManager
+from gpu_manager.leases import LeaseKeeper, LeaseLost, Leases
+from gpu_manager.manager import GpuManager, LocalSpec
 from gpu_manager.ollama import OllamaModelMissing, ollama_chat_stream, ollama_tags
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,17 @@ def switch_notifier(message_id: int) -> Callable[[str, dict], None]:
     return notify
 
 
+def local_spec(name: str) -> LocalSpec:
+    config = ModelConfig.objects.get(kind=ModelKind.LOCAL, name=name)
+    return LocalSpec(name=config.name, path=config.path, keep_alive=float(config.keep_alive),
+                     warm_offload=config.warm_offload)
+
+
+def local_specs_preload() -> list[LocalSpec]:
+    return [local_spec(name) for name in ModelConfig.objects.filter(
+        kind=ModelKind.LOCAL, enabled=True, preload=True).values_list("name", flat=True)]
+
+
 def ollama_urls() -> list[str]:
     return [e.base_url for e in endpoints() if e.kind == "ollama"]
 
@@ -127,8 +140,8 @@ def gpu_prepare_for_reply(*, message_id: int, manager: GpuManager) -> None:
     if started is None:
         return
     reply, choice = started
-    manager.prepare_local(name=choice.name, path=choice.upstream, ollama_urls=ollama_urls(),
-                          on_event=switch_notifier(message_id))
+    manager.prepare_local(spec=local_spec(choice.name), preload=local_specs_preload(),
+                          ollama_urls=ollama_urls(), on_event=switch_notifier(message_id))
 
 
 def gpu_acquire_for_reply(*, message_id: int, manager: GpuManager) -> None:
@@ -141,8 +154,28 @@ def gpu_acquire_for_reply(*, message_id: int, manager: GpuManager) -> None:
     reply, choice = started
     if choice.kind == "ollama" and choice.upstream not in ollama_tags(choice.base_url):
         raise OllamaModelMissing(f"Ollama at {choice.base_url} does not have {choice.upstream}")
-    manager.acquire_external(owner=choice.kind, ollama_model=choice.upstream if choice.kind == "ollama" else None,
+    manager.acquire_external(owner=choice.kind, holder=message_id,
+                             ollama_model=choice.upstream if choice.kind == "ollama" else None,
                              on_event=switch_notifier(message_id))
+
+
+def gpu_worker_recover(*, manager: GpuManager) -> None:
+    """At GPU worker start: repair the state, and end the reply the previous
+    worker was on when it died (its task is only redelivered after the
+    broker's visibility timeout, and would then find the reply ended)."""
+    manager.repair()
+    message_id = manager.store.current()
+    if message_id is not None:
+        message_fail(message_id=message_id, code="worker_restarted",
+                     detail="The GPU worker restarted during this reply. Please send the message again.")
+        manager.store.current_set(None)
+
+
+def replies_fail_lost(holders: list[str]) -> None:
+    """The GPU leases of these replies expired: the worker streaming them died."""
+    for holder in holders:
+        message_fail(message_id=int(holder), code="worker_lost",
+                     detail="The worker streaming this reply stopped. Please send the message again.")
 
 
 def local_reply_generate(*, message_id: int, manager: GpuManager) -> None:
@@ -170,11 +203,26 @@ def external_reply_generate(*, message_id: int) -> None:
     if started is None:
         return
     reply, choice = started
+    if choice.kind == "ollama":
+        # The lease granted by the acquire step keeps local models off the
+        # GPU while Ollama generates; without it the generation must not run.
+        leases = Leases(slot=settings.GPU_SLOT)
+        try:
+            with LeaseKeeper(leases, message_id, ttl=settings.GPU_LEASE_TTL) as keeper:
+                _stream(reply, _ollama_chunks(choice, reply), lease=keeper)
+        except LeaseLost as exc:
+            message_fail(message_id=message_id, code=exc.code, detail=str(exc))
+    else:
+        _stream(reply, _openai_chunks(choice, reply))
+
+
+def _stream(reply: Message, chunks: Iterator[tuple[str, str, int, int]], *, lease: LeaseKeeper | None = None) -> None:
     run = _Run(reply)
-    chunks = _ollama_chunks(choice, reply) if choice.kind == "ollama" else _openai_chunks(choice, reply)
     outcome = Outcome(text="", finish_reason="stop")
     try:
         for text, finish, prompt_tokens, completion_tokens in chunks:
+            if lease is not None and lease.lost:
+                raise LeaseLost(f"the GPU lease of message {reply.pk} expired while it streamed")
             run.relay.push(text)
             outcome.finish_reason = finish or outcome.finish_reason
             outcome.prompt_tokens = prompt_tokens or outcome.prompt_tokens

@@ -55,6 +55,10 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    # After sessions, before common (Django's i18n docs): the language comes
+    # from the language cookie that /i18n/setlang/ sets, else the browser's
+    # Accept-Language.
+    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -108,6 +112,10 @@ LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
 LANGUAGE_CODE = "en-us"
+#: The chat page's languages (issue 4): the first users write Chinese.
+#: Browsers send zh-CN / zh-SG / zh; Django falls back from each to zh-hans.
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
+LOCALE_PATHS = [BASE_DIR / "chat" / "locale"]
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
@@ -208,6 +216,21 @@ GPU_DEVICE = os.environ.get("GPU_DEVICE", "auto")
 #: (its own server waits up to 5 s for VRAM to come back: FIELD-NOTES).
 OLLAMA_UNLOAD_TIMEOUT = float(os.environ.get("OLLAMA_UNLOAD_TIMEOUT", 15.0))
 OLLAMA_UNLOAD_POLL = 0.05
+#: An Ollama generation renews its GPU lease every TTL/3 while it streams; a
+#: holder that dies stops holding the GPU after at most this many seconds.
+GPU_LEASE_TTL = float(os.environ.get("GPU_LEASE_TTL", 15.0))
+#: A lease granted before the generation starts must outlive the wait for a
+#: free CPU worker (16 threads each: seconds at most under normal load).
+GPU_LEASE_PENDING_TTL = float(os.environ.get("GPU_LEASE_PENDING_TTL", 120.0))
+#: A local request waits at most this long for Ollama generations to end
+#: (longer than the task time limit: a live generation always ends first).
+GPU_LEASE_WAIT_TIMEOUT = float(os.environ.get("GPU_LEASE_WAIT_TIMEOUT", 900.0))
+GPU_LEASE_POLL = 0.05
+#: Bytes the local engines may hold together on the device (0 = no limit);
+#: past it the least recently used engine is unloaded first.
+GPU_LOCAL_BUDGET_BYTES = int(os.environ.get("GPU_LOCAL_BUDGET_BYTES", 0))
+#: How often the GPU worker looks for idle models and dead lease holders.
+GPU_HOUSEKEEPING_SECONDS = float(os.environ.get("GPU_HOUSEKEEPING_SECONDS", 5.0))
 #: CONTRACT §5 asks for at least the last 500 transitions.
 GPU_EVENTS_KEPT = 1000
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
+import types
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -61,16 +63,55 @@ class _StopWhen(StoppingCriteria):
 
 
 class LocalEngine:
-    def __init__(self, *, name: str, path: str, device: str):
+    def __init__(self, *, name: str, path: str, device: str, keep_alive: float = 0.0,
+                 warm_offload: bool = False):
         self.name = name
         self.path = path
         self.device = device
+        #: Seconds unused before the GPU worker unloads it (0 = never).
+        self.keep_alive = keep_alive
+        #: Unloading keeps the weights in host memory for a fast way back.
+        self.warm_offload = warm_offload
         self.model = None
         self.tokenizer = None
+        self.offloaded = False
+        self.last_used = time.monotonic()
 
     @property
     def loaded(self) -> bool:
-        return self.model is not None
+        """Resident on the device and ready to generate."""
+        return self.model is not None and not self.offloaded
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights and buffers: what the model costs the device."""
+        if self.model is None:
+            return 0
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+    def offload(self) -> None:
+        """Warm unload: move the weights to host memory (pinned on cuda, so
+        the way back is a fast DMA copy) and free the device, keeping the
+        model object: vLLM's "sleep level 1". On cpu the weights already
+        live in host memory; nothing moves and nothing is freed."""
+        if self.device != "cpu":
+            self.model.to("cpu")
+            for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+                tensor.data = tensor.data.pin_memory()
+            memory_release(self.device)
+        self.offloaded = True
+
+    def restore(self) -> None:
+        """Undo `offload`: copy the weights back onto the device."""
+        if self.device != "cpu":
+            self.model.to(self.device, non_blocking=True)
+            torch.cuda.synchronize()
+        self.offloaded = False
+        self.touch()
 
     def load(self) -> None:
         try:
@@ -83,9 +124,10 @@ class LocalEngine:
             raise EngineLoadError(f"Cannot load {self.name} from {self.path}: {exc}") from exc
         self.model.eval()
 
-    def unload(self) -> list[str]:
+    def unload(self) -> dict[str, list[str]]:
         """Drop the model and tokenizer and release their memory. Returns the
-        names of the objects still alive afterwards (empty when all is freed)."""
+        objects still alive afterwards, each with who holds it (empty when
+        all is freed)."""
         # No local variable may hold the objects themselves: a name bound
         # here (even by a walrus in a comprehension) would keep one alive.
         refs = {
@@ -94,11 +136,13 @@ class LocalEngine:
             if getattr(self, attr) is not None
         }
         self.model = self.tokenizer = None
+        self.offloaded = False
         memory_release(self.device)
-        survivors = [label for label, ref in refs.items() if ref() is not None]
-        for label in survivors:
-            holders = [type(r).__name__ for r in gc.get_referrers(refs[label]()) if r is not refs]
-            log.warning("unload of %s left %s alive, referred to by %s", self.name, label, holders[:10])
+        survivors = {}
+        for label, ref in refs.items():
+            if ref() is not None:
+                survivors[label] = _holders(ref())
+                log.warning("unload of %s left %s alive, held by %s", self.name, label, survivors[label])
         return survivors
 
     @torch.inference_mode()
@@ -108,6 +152,7 @@ class LocalEngine:
     ) -> GenerationResult:
         if not self.loaded:
             raise RuntimeError(f"{self.name} is not loaded")
+        self.touch()
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(self.model.device)
@@ -128,6 +173,20 @@ class LocalEngine:
             finish = "length"
         else:
             finish = "stop"
+        self.touch()
         return GenerationResult("".join(relay.parts), prompt_tokens, completion_tokens, finish)
+
+
+def _holders(obj) -> list[str]:
+    """Describe what refers to `obj`, for the unload report: the type of each
+    referrer, and for a dict the keys that point at it."""
+    described = []
+    for referrer in gc.get_referrers(obj):
+        if isinstance(referrer, dict):
+            keys = [k for k, v in referrer.items() if v is obj][:3]
+            described.append(f"dict[{', '.join(map(str, keys))}]")
+        elif not isinstance(referrer, types.FrameType):  # this very call
+            described.append(type(referrer).__name__)
+    return described[:10]
 
 

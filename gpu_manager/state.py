@@ -9,6 +9,7 @@ Keys, per slot S:
   gpu:slot:S          hash  owner, local_models (JSON), ollama_models (JSON), epoch, updated_at
   gpu:slot:S:events   list  JSON transitions, oldest first, trimmed to GPU_EVENTS_KEPT
   gpu:slot:S:memory   JSON  the worker's last memory reading (device, allocated, reserved, free, total)
+  gpu:slot:S:current  str   the message the GPU worker is working on, while it is
   gpu:slots           set   every slot that has ever written
 """
 from __future__ import annotations
@@ -95,6 +96,18 @@ class GpuStateStore:
         pipe.rpush(self.events_key, json.dumps(event))
         pipe.ltrim(self.events_key, -settings.GPU_EVENTS_KEPT, -1)
         pipe.execute()
+
+    def current_set(self, message_id: int | None) -> None:
+        """Mark what the GPU worker is working on, so that a worker that
+        restarts after a crash knows which reply died with its predecessor."""
+        if message_id is None:
+            self._redis.delete(f"{self.key}:current")
+        else:
+            self._redis.set(f"{self.key}:current", str(message_id))
+
+    def current(self) -> int | None:
+        raw = self._redis.get(f"{self.key}:current")
+        return int(raw) if raw else None
 
     def memory_write(self, reading: dict) -> None:
         self._redis.set(self.memory_key, json.dumps(reading))

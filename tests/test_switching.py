@@ -43,7 +43,7 @@ async def test_local_then_ollama_then_local(ws_headers, demo_model, workers, sta
     events = store().events(1000)[mark:]
     assert kinds(events) == ["local_unload", "owner_change"], events
     unload = events[0]
-    assert unload["model"] == "local_demo" and unload["survivors"] == []
+    assert unload["model"] == "local_demo" and unload["survivors"] == {}
     assert unload["before"]["allocated"] > 0 and "freed_bytes" in unload
     first_chat = stack.ollama.requests_to("/api/chat")[0]
     assert unload["at"] < first_chat.at

@@ -6,7 +6,7 @@ import logging
 
 from celery import Task
 
-from chat.generation import error_code, gpu_prepare_for_reply
+from chat.generation import error_code, gpu_prepare_for_reply, replies_fail_lost
 from chat.services import message_fail
 from gpu_manager.manager import GpuManager
 
@@ -32,20 +32,50 @@ class MessageTask(Task):
             message_fail(message_id=message_id, code=error_code(exc), detail=str(exc) or type(exc).__name__)
 
 
-class GpuTask(MessageTask):
-    """A task on the GPU worker. The worker runs the solo pool, so one
-    GpuManager per process serves every task, in queue order."""
+_manager: GpuManager | None = None
+
+
+def gpu_manager() -> GpuManager:
+    """This GPU worker's manager. Built by the first task (or the worker's
+    start-up repair), never at import: no device probing until the GPU is
+    needed (STYLE 5). The solo pool runs tasks in the main thread; the
+    housekeeping thread only reads it and queues tasks."""
+    global _manager
+    if _manager is None:
+        _manager = GpuManager.from_settings()
+        _manager.on_leases_expired = replies_fail_lost
+    return _manager
+
+
+class GpuControlTask(Task):
+    """An operator's or the worker's own request on the `gpu` queue (load,
+    unload, idle unload): in line with every message, so it never races one."""
 
     abstract = True
-    _manager: GpuManager | None = None
+    ignore_result = True
 
     @property
     def manager(self) -> GpuManager:
-        # Built by the first task, not at import or worker start: no device
-        # probing until the GPU is needed (STYLE 5).
-        if GpuTask._manager is None:
-            GpuTask._manager = GpuManager.from_settings()
-        return GpuTask._manager
+        return gpu_manager()
+
+
+class GpuTask(MessageTask):
+    """A message's step on the GPU worker. While it runs, the slot's state
+    names its message: a worker restarted after a crash fails that reply
+    instead of leaving it running forever."""
+
+    abstract = True
+
+    @property
+    def manager(self) -> GpuManager:
+        return gpu_manager()
+
+    def before_start(self, task_id, args, kwargs) -> None:
+        if args:
+            self.manager.store.current_set(args[0])
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
+        self.manager.store.current_set(None)
 
 
 class LocalModelTask(GpuTask):
@@ -56,4 +86,5 @@ class LocalModelTask(GpuTask):
     abstract = True
 
     def before_start(self, task_id, args, kwargs) -> None:
+        super().before_start(task_id, args, kwargs)
         gpu_prepare_for_reply(message_id=args[0], manager=self.manager)

@@ -3,12 +3,21 @@
 Names decide routes (settings.CELERY_TASK_ROUTES): `gpu_*` run on the single
 GPU worker, `cpu_*` on the CPU workers.
 """
+import logging
+import threading
+
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutdown
+from django.conf import settings
 
-from chat.generation import external_reply_generate, gpu_acquire_for_reply, local_reply_generate
-from workers.base import GpuTask, LocalModelTask, MessageTask
+from chat.generation import (
+    external_reply_generate, gpu_acquire_for_reply, gpu_worker_recover, local_reply_generate, local_spec,
+    local_specs_preload, ollama_urls,
+)
+from workers.base import GpuControlTask, GpuTask, LocalModelTask, MessageTask, gpu_manager
 from workers.heartbeat import heartbeat_start, heartbeat_stop
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(base=LocalModelTask, bind=True)
@@ -26,18 +35,61 @@ def cpu_generate(message_id: int) -> None:
     external_reply_generate(message_id=message_id)
 
 
+@shared_task(base=GpuControlTask, bind=True)
+def gpu_load(self, name: str) -> None:
+    """The admin's "load now": the same prelude as a message to that model."""
+    self.manager.prepare_local(spec=local_spec(name), preload=local_specs_preload(), ollama_urls=ollama_urls())
+
+
+@shared_task(base=GpuControlTask, bind=True)
+def gpu_unload(self, names: list[str] | None = None) -> None:
+    """The admin's "unload now" (all local models, or `names`)."""
+    self.manager.unload_local(names=names, reason="admin")
+
+
+@shared_task(base=GpuControlTask, bind=True)
+def gpu_unload_idle(self) -> None:
+    """Queued by the housekeeping thread; checks again when it runs, since a
+    message may have used the model in between."""
+    global _idle_queued
+    _idle_queued = False
+    idle = self.manager.idle_engines()
+    if idle:
+        self.manager.unload_local(names=idle, reason="idle")
+
+
 _heartbeat = None
+_idle_queued = False
+
+
+def _housekeeping(stop: threading.Event) -> None:
+    """In the GPU worker, beside the solo pool: fail the replies of dead
+    lease holders, and queue an idle unload when a model outlived its
+    keep-alive. It never touches an engine itself: unloading goes through
+    the queue, so it cannot race a running task."""
+    global _idle_queued
+    manager = gpu_manager()
+    while not stop.wait(settings.GPU_HOUSEKEEPING_SECONDS):
+        try:
+            manager.reap_leases()
+            if not _idle_queued and manager.idle_engines():
+                _idle_queued = True
+                gpu_unload_idle.apply_async()
+        except Exception:  # keep the thread alive through a Redis blip
+            log.exception("GPU housekeeping failed; retrying")
 
 
 @worker_ready.connect
 def worker_started(sender, **kwargs) -> None:
     """A GPU worker that (re)starts holds no model: repair a state that says
-    otherwise before the first task is served. Every worker then reports
-    itself alive for /readyz."""
+    otherwise, and end the reply its predecessor died on, before the first
+    task is served. Every worker then reports itself alive for /readyz."""
     global _heartbeat
     queues = sorted(sender.app.amqp.queues.consume_from)
     if "gpu" in queues:
-        gpu_generate.manager.repair()
+        gpu_worker_recover(manager=gpu_manager())
+        threading.Thread(target=_housekeeping, args=(threading.Event(),), name="gpu-housekeeping",
+                         daemon=True).start()
     _heartbeat = heartbeat_start(hostname=sender.hostname, queues=queues)
 
 
