@@ -72,6 +72,12 @@ class Workers:
             proc.kill()
             proc.wait()
 
+    def kill(self, name: str) -> None:
+        """SIGKILL: the worker gets no chance to clean up, as in a crash."""
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait()
+
     def log(self, name: str) -> str:
         path = self.var / f"{name}.log"
         return path.read_text(errors="replace")[-5000:] if path.exists() else ""

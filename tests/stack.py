@@ -37,6 +37,9 @@ class Stack:
             # A down endpoint must be noticed at once in tests, not after 2 s.
             "UPSTREAM_CONNECT_TIMEOUT": "0.5",
             "OLLAMA_UNLOAD_TIMEOUT": "5",
+            # Short leases, so the crash tests wait seconds, not the default 15.
+            "GPU_LEASE_TTL": "3",
+            "GPU_HOUSEKEEPING_SECONDS": "0.5",
         })
 
     def stop(self) -> None:

@@ -98,11 +98,18 @@ class FakeOllama(FakeServer):
         #: Every /api/ps answer as (at, models): the proof a test needs that
         #: the server was seen empty, and when.
         self.ps_answers: list[PsAnswer] = []
+        #: Residency and generation intervals (time.time()), for tests of
+        #: the invariant that nothing local is resident while these run:
+        #: [tag, loaded_at, unloaded_at or None] and (started, ended).
+        self.residency: list[list] = []
+        self.generations: list[tuple[float, float]] = []
 
     # -- residency (what /api/ps reports) --------------------------------------
     def load(self, tag: str) -> None:
         """Mark ``tag`` as loaded (test setup)."""
         with self._lock:
+            if _norm(tag) not in self._loaded:
+                self.residency.append([_norm(tag), time.time(), None])
             self._loaded[_norm(tag)] = None
 
     def _schedule_unload(self, tag: str) -> None:
@@ -117,16 +124,25 @@ class FakeOllama(FakeServer):
             for tag, gone_at in list(self._loaded.items()):
                 if gone_at is not None and gone_at <= now:
                     del self._loaded[tag]
+                    for interval in self.residency:
+                        if interval[0] == tag and interval[2] is None:
+                            interval[2] = gone_at
             return list(self._loaded)
 
     def stop(self) -> None:
         super().stop()
         with self._lock:
             self._loaded.clear()
+            for interval in self.residency:
+                if interval[2] is None:
+                    interval[2] = time.time()
 
     def clear(self) -> None:
         super().clear()
         self.ps_answers = []
+        self.generations = []
+        with self._lock:
+            self.residency = [r for r in self.residency if r[2] is None]
 
     def reset(self) -> None:
         """Forget loaded models and recordings: a freshly started server."""
@@ -192,7 +208,11 @@ class FakeOllama(FakeServer):
             return h.send_json(500, {"error": "llama runner process has terminated: exit status 2"})
         if fail == "slow":
             self.sleep(self.slow_seconds)
-        self._reply(h, body, model, chat, field, was_loaded, fail)
+        started = time.time()
+        try:
+            self._reply(h, body, model, chat, field, was_loaded, fail)
+        finally:
+            self.generations.append((started, time.time()))
         if unload:
             self._schedule_unload(model)
 
