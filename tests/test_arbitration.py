@@ -15,7 +15,7 @@ from django.conf import settings
 from chat.catalog import catalog_list
 from chat.models import Message, MessageStatus, ModelConfig
 from gpu_manager.state import GpuStateStore
-from tests.conftest import communicator, ends, frames_until, send_and_finish
+from tests.conftest import communicator, ends, frames_until, send_and_finish, wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -140,3 +140,16 @@ async def test_ollama_down_keeps_the_local_model_and_says_so(ws_headers, demo_mo
     after = store().read()
     assert after.local_models == ["local_demo"] and after.owner == "local" and after.epoch == state.epoch
     await comm.disconnect()
+
+
+async def test_an_idle_model_is_unloaded_by_the_gpu_worker(ws_headers, demo_model, workers):
+    await ModelConfig.objects.filter(pk=demo_model.pk).aupdate(max_new_tokens=8, keep_alive=1)
+    comm = communicator(ws_headers)
+    await comm.connect()
+    await send_and_finish(comm, model="local_demo", content="use it once")
+    await comm.disconnect()
+    await sync_to_async(wait_for)(lambda: store().read().local_models == [], timeout=20, what="idle unload")
+    unload = [e for e in store().events(20) if e["kind"] == "local_unload"][-1]
+    assert unload["model"] == "local_demo" and unload["reason"] == "idle" and unload["survivors"] == {}
+    assert store().read().owner == "none"
+

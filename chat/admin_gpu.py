@@ -1,0 +1,42 @@
+"""The admin's GPU page: who owns each GPU slot, what is resident, memory
+and recent transitions; "unload now" and "load now" are queued on the `gpu`
+queue like every message, so they never race one."""
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.views.decorators.http import require_http_methods
+
+from chat.models import ModelConfig, ModelKind
+from chat.selectors import gpu_status
+from chatsite.celery import app
+
+
+@require_http_methods(["GET", "POST"])
+def gpu_page(request: HttpRequest) -> HttpResponse:
+    if request.method == "POST":
+        action = request.POST.get("action")
+        if action == "unload":
+            app.signature("workers.tasks.gpu_unload").apply_async()
+            messages.info(request, "Unloading every local model: queued behind the messages already waiting.")
+        elif action == "load":
+            name = request.POST.get("model", "")
+            if not ModelConfig.objects.filter(kind=ModelKind.LOCAL, enabled=True, name=name).exists():
+                messages.error(request, f"No enabled local model is named {name!r}.")
+            else:
+                app.signature("workers.tasks.gpu_load", args=(name,)).apply_async()
+                messages.info(request, f"Loading {name}: queued behind the messages already waiting.")
+        else:
+            messages.error(request, "Unknown action.")
+        return redirect("admin-gpu")
+    status = gpu_status(events_limit=30)
+    context = {
+        **admin.site.each_context(request),
+        "title": "GPU",
+        "slots": status["slots"],
+        "events": list(reversed(status["events"])),
+        "local_models": ModelConfig.objects.filter(kind=ModelKind.LOCAL, enabled=True).values_list("name", flat=True),
+    }
+    return TemplateResponse(request, "admin/gpu.html", context)
