@@ -199,21 +199,26 @@ def local_reply_generate(*, message_id: int, manager: GpuManager) -> None:
 # --- CPU workers ------------------------------------------------------------
 
 def external_reply_generate(*, message_id: int) -> None:
-    started = reply_start(message_id)
-    if started is None:
-        return
-    reply, choice = started
-    if choice.kind == "ollama":
-        # The lease granted by the acquire step keeps local models off the
-        # GPU while Ollama generates; without it the generation must not run.
-        leases = Leases(slot=settings.GPU_SLOT)
-        try:
-            with LeaseKeeper(leases, message_id, ttl=settings.GPU_LEASE_TTL) as keeper:
-                _stream(reply, _ollama_chunks(choice, reply), lease=keeper)
-        except LeaseLost as exc:
-            message_fail(message_id=message_id, code=exc.code, detail=str(exc))
-    else:
-        _stream(reply, _openai_chunks(choice, reply))
+    leases = Leases(slot=settings.GPU_SLOT)
+    try:
+        started = reply_start(message_id)
+        if started is None:
+            return
+        reply, choice = started
+        if choice.kind == "ollama":
+            # The lease granted by the acquire step keeps local models off
+            # the GPU while Ollama generates; without it, it must not run.
+            try:
+                with LeaseKeeper(leases, message_id, ttl=settings.GPU_LEASE_TTL) as keeper:
+                    _stream(reply, _ollama_chunks(choice, reply), lease=keeper)
+            except LeaseLost as exc:
+                message_fail(message_id=message_id, code=exc.code, detail=str(exc))
+        else:
+            _stream(reply, _openai_chunks(choice, reply))
+    finally:
+        # Whatever happened (cancelled while queued, an error before the
+        # stream), the GPU is not held a moment longer than the generation.
+        leases.release(message_id)
 
 
 def _stream(reply: Message, chunks: Iterator[tuple[str, str, int, int]], *, lease: LeaseKeeper | None = None) -> None:
