@@ -130,6 +130,8 @@ class GpuManager:
         engine = self.engines.get(spec.name)
         if state.owner == "local" and engine is not None and engine.loaded and engine.path == spec.path:
             engine.touch()
+            # An admin's edit of these takes effect at the model's next use.
+            engine.keep_alive, engine.warm_offload = spec.keep_alive, spec.warm_offload
             return state  # the common case: nothing to do, no Redis write
         taking_over = state.owner != "local"
         if taking_over:

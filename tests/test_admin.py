@@ -24,7 +24,7 @@ def model_form(**changes) -> dict:
     """A full POST body for the ModelConfig form, as the browser sends it."""
     data = {"kind": "openai", "name": "remote-gpt", "enabled": "on", "path": "",
             "base_url": "http://127.0.0.1:9/v1", "api_key": "", "frees_gpu": "on",
-            "max_new_tokens": "512", "temperature": "0.7", "top_p": "0.95"}
+            "keep_alive": "300", "max_new_tokens": "512", "temperature": "0.7", "top_p": "0.95"}
     data.update(changes)
     return {k: v for k, v in data.items() if v is not None}
 
