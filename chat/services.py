@@ -9,7 +9,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from chat.catalog import CatalogError, ModelChoice, model_resolve
+from chat.catalog import PREFIXES, CatalogError, ModelChoice, model_resolve
+from chat.metrics import STAGES, message_observe
 from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus
 from chat.relay import group_send, message_group
 from chatsite.celery import app
@@ -154,4 +155,18 @@ def _end(message_id: int, **fields) -> bool:
         .exclude(status__in=FINISHED_STATUSES)
         .update(finished_at=timezone.now(), **fields)
     )
+    if updated == 1:
+        _observe(message_id)
     return updated == 1
+
+
+def _observe(message_id: int) -> None:
+    """Feed the reply's timings to /metrics (seconds from queued)."""
+    reply = Message.objects.filter(pk=message_id).values(
+        "model_name", "status", "queued_at", "started_at", "first_token_at", "finished_at").first()
+    if reply is None or reply["queued_at"] is None:
+        return
+    kind = next((k for k, prefix in PREFIXES.items() if reply["model_name"].startswith(prefix)), "local")
+    seconds = {stage: (reply[f"{stage}_at"] - reply["queued_at"]).total_seconds()
+               for stage in STAGES if reply[f"{stage}_at"] is not None}
+    message_observe(kind=kind, status=reply["status"], seconds=seconds)

@@ -10,6 +10,7 @@ Keys, per slot S:
   gpu:slot:S:events   list  JSON transitions, oldest first, trimmed to GPU_EVENTS_KEPT
   gpu:slot:S:memory   JSON  the worker's last memory reading (device, allocated, reserved, free, total)
   gpu:slot:S:current  str   the message the GPU worker is working on, while it is
+  gpu:slot:S:counters hash  transitions and bytes freed since the slot began (/metrics)
   gpu:slots           set   every slot that has ever written
 """
 from __future__ import annotations
@@ -92,10 +93,19 @@ class GpuStateStore:
         return new
 
     def event_add(self, event: dict) -> None:
+        """Append a transition, and count it (the event list is trimmed; the
+        counters behind /metrics are not)."""
         pipe = self._redis.pipeline()
         pipe.rpush(self.events_key, json.dumps(event))
         pipe.ltrim(self.events_key, -settings.GPU_EVENTS_KEPT, -1)
+        pipe.hincrby(f"{self.key}:counters", f"count:{event['kind']}", 1)
+        if event.get("freed_bytes", 0) > 0:
+            pipe.hincrby(f"{self.key}:counters", f"freed:{event['kind']}", int(event["freed_bytes"]))
         pipe.execute()
+
+    def counters(self) -> dict[str, int]:
+        """Transitions per kind (`count:<kind>`) and bytes freed (`freed:<kind>`)."""
+        return {k: int(v) for k, v in self._redis.hgetall(f"{self.key}:counters").items()}
 
     def current_set(self, message_id: int | None) -> None:
         """Mark what the GPU worker is working on, so that a worker that

@@ -1,0 +1,108 @@
+"""Prometheus metrics for `/metrics`.
+
+The service runs as several processes (web, GPU worker, CPU workers, on
+several machines), so nothing is counted in process memory: each process
+adds to counters and histogram buckets in Redis, and a scrape reads them
+back, together with what Redis and the GPU state already know (queue depth,
+resident models, device memory). Any web process answers for all of them.
+"""
+from __future__ import annotations
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from chatsite.redis_client import redis_client
+from gpu_manager.state import GpuStateStore, gpu_slots
+
+#: Upper bounds (seconds) of the latency buckets: from a cached local reply's
+#: first token (tens of ms) to a cold model switch (tens of seconds).
+BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: Stages of a reply, each measured from the moment it was queued.
+STAGES = ("started", "first_token", "finished")
+KEY = "metrics"
+
+
+def message_observe(*, kind: str, status: str, seconds: dict[str, float]) -> None:
+    """Record one ended reply: its status, and the seconds from queued to
+    each stage it reached (keys of STAGES)."""
+    pipe = redis_client().pipeline(transaction=False)
+    pipe.hincrby(f"{KEY}:messages", f"{kind}|{status}", 1)
+    for stage, value in seconds.items():
+        key = f"{KEY}:latency:{stage}:{kind}"
+        for bound in BUCKETS:
+            if value <= bound:
+                pipe.hincrby(key, str(bound), 1)
+        pipe.hincrby(key, "+Inf", 1)
+        pipe.hincrbyfloat(key, "sum", value)
+    pipe.execute()
+
+
+class ServiceCollector(Collector):
+    def collect(self):
+        r = redis_client()
+        queues = GaugeMetricFamily("chat_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"])
+        for queue in _queue_names():
+            # kombu keeps each priority step of a queue in its own list
+            # ("<queue>\x06\x16<step>"); the depth is their sum.
+            lists = [queue, *r.scan_iter(match=f"{queue}\x06\x16*")]
+            queues.add_metric([queue], sum(r.llen(name) for name in lists))
+        yield queues
+
+        ended = CounterMetricFamily("chat_messages", "Replies ended, by model kind and status.",
+                                    labels=["kind", "status"])
+        for field, count in r.hgetall(f"{KEY}:messages").items():
+            kind, status = field.split("|", 1)
+            ended.add_metric([kind, status], int(count))
+        yield ended
+
+        for stage in STAGES:
+            family = HistogramMetricFamily(f"chat_reply_{stage}_seconds",
+                                           f"Seconds from queued to {stage.replace('_', ' ')}.", labels=["kind"])
+            for key in r.scan_iter(match=f"{KEY}:latency:{stage}:*"):
+                raw = r.hgetall(key)
+                cumulative = [(str(b), int(raw.get(str(b), 0))) for b in BUCKETS] + [("+Inf", int(raw.get("+Inf", 0)))]
+                family.add_metric([key.rsplit(":", 1)[1]], cumulative, float(raw.get("sum", 0)))
+            yield family
+
+        transitions = CounterMetricFamily("gpu_transitions", "GPU transitions by kind.", labels=["slot", "kind"])
+        freed = CounterMetricFamily("gpu_freed_bytes", "Bytes freed by unloads.", labels=["slot", "kind"])
+        resident = GaugeMetricFamily("gpu_resident_models", "Models resident now.", labels=["slot", "side", "model"])
+        memory = GaugeMetricFamily("gpu_memory_bytes", "The GPU worker's last memory reading.",
+                                   labels=["slot", "device", "figure"])
+        owner = GaugeMetricFamily("gpu_owner", "1 for the slot's current owner.", labels=["slot", "owner"])
+        for slot in gpu_slots():
+            store = GpuStateStore(slot=slot)
+            for field, value in store.counters().items():
+                what, kind = field.split(":", 1)
+                (transitions if what == "count" else freed).add_metric([slot, kind], float(value))
+            state = store.read()
+            owner.add_metric([slot, state.owner], 1)
+            for model in state.local_models:
+                resident.add_metric([slot, "local", model], 1)
+            for model in state.ollama_models:
+                resident.add_metric([slot, "ollama", model], 1)
+            reading = store.memory()
+            for figure in ("allocated", "reserved", "free", "total"):
+                memory.add_metric([slot, reading["device"], figure], reading[figure])
+        yield from (transitions, freed, resident, memory, owner)
+
+
+def _queue_names() -> list[str]:
+    routed = {route["queue"] for route in settings.CELERY_TASK_ROUTES.values()}
+    return sorted(routed | {settings.CELERY_TASK_DEFAULT_QUEUE})
+
+
+_registry = None
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """`GET /metrics` in Prometheus's text format. It names no user and no
+    secret; keep it on the internal network all the same."""
+    global _registry
+    if _registry is None:
+        _registry = CollectorRegistry(auto_describe=False)
+        _registry.register(ServiceCollector())
+    return HttpResponse(generate_latest(_registry), content_type=CONTENT_TYPE_LATEST)
