@@ -1,0 +1,79 @@
+"""docker-compose.yml is valid and every command in it names a real module
+and entry point of this project (no Docker engine runs here, so this is as
+far as the file can be checked)."""
+import importlib
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from django.conf import settings
+from django.core.management import get_commands
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def compose_commands() -> dict[str, list[str]]:
+    """Commands of the services built from this project (redis, postgres and
+    ollama run their own images)."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    return {name: svc["command"] for name, svc in services.items() if "build" in svc and "command" in svc}
+
+
+def python_invocations(argv: list[str]) -> list[list[str]]:
+    """The `python ...` command lines inside a service command, unwrapping
+    `sh -c "a && b"`."""
+    if argv[:2] == ["sh", "-c"]:
+        return [shlex.split(part) for part in argv[2].split("&&")]
+    return [argv]
+
+
+def check_python(argv: list[str]) -> None:
+    assert argv[0] == "python", argv
+    if argv[1] == "manage.py":
+        assert (ROOT / "manage.py").exists()
+        assert argv[2] in get_commands(), f"no management command {argv[2]!r}"
+        return
+    assert argv[1] == "-m", argv
+    module = argv[2]
+    assert importlib.util.find_spec(module), f"no module {module!r}"
+    if module == "uvicorn":
+        target_module, attr = argv[3].split(":")
+        assert callable(getattr(importlib.import_module(target_module), attr))
+    elif module == "celery":
+        app_module = argv[argv.index("-A") + 1]
+        assert importlib.import_module(app_module).celery_app.main == "chatsite"
+        queues = argv[argv.index("-Q") + 1].split(",")
+        routed = {route["queue"] for route in settings.CELERY_TASK_ROUTES.values()}
+        assert set(queues) <= routed | {settings.CELERY_TASK_DEFAULT_QUEUE}, queues
+
+
+def test_every_compose_command_names_a_real_entry_point():
+    commands = compose_commands()
+    assert {"web", "gpu-worker", "cpu-worker"} <= set(commands)
+    for argv in commands.values():
+        for invocation in python_invocations(argv):
+            check_python(invocation)
+
+
+def test_compose_worker_lines_match_make_run():
+    """The workers run exactly as `make run` runs them (the options are
+    explained in chatsite/celery.py)."""
+    from chat.management.commands.runstack import stack_commands
+
+    ours = {name: argv[2:] for name, argv in stack_commands(host="h", port=1)}
+    commands = compose_commands()
+    for service in ("gpu-worker", "cpu-worker"):
+        compose = [a for a in commands[service][2:] if not a.startswith("--loglevel")]
+        local = [a for a in ours[service] if a not in ("--loglevel", "INFO")]
+        assert compose == local, (service, compose, local)
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_docker_compose_config_validates():
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
