@@ -246,11 +246,20 @@ CHAT_DELTA_FLUSH_SECONDS = 0.04
 #: A cancel flag outlives any generation (seconds).
 CHAT_CANCEL_TTL = 3600
 
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "chatsite.logs.ContextFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [task=%(task_id)s message=%(message_id)s] "
+                            "%(message)s"},
+        "json": {"()": "chatsite.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "json" if LOG_FORMAT == "json" else "plain",
+                    "filters": ["context"]},
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
@@ -258,3 +267,33 @@ LOGGING = {
 #: worker as gone when its key is older than the TTL (three missed beats).
 WORKER_HEARTBEAT_SECONDS = 5.0
 WORKER_HEARTBEAT_TTL = 15
+
+# --- Batches and the OpenAI-compatible API (issue 5; chat/batches.py, chat/api/) ---
+
+#: Broker priority of batch lines. kombu's Redis transport keeps one list per
+#: queue and priority step (0, 3, 6, 9) and BRPOPs them lowest step first
+#: (kombu/transport/redis.py `_brpop_start`), so a worker takes a batch line
+#: only when no interactive message (priority 0: none given) is waiting.
+BATCH_PRIORITY = 9
+#: Lines of one batch with a queued or running reply at once: as many as the
+#: CPU worker's threads, so external lines keep it busy, while a cancel, an
+#: Ollama lease wait and an interactive message behind a batch stay short.
+BATCH_MAX_IN_FLIGHT = int(os.environ.get("BATCH_MAX_IN_FLIGHT", 16))
+#: OpenAI's limits for one batch input (FIELD-NOTES "OpenAI Batch API").
+BATCH_MAX_LINES = 50_000
+BATCH_MAX_FILE_BYTES = 200 * 1024 * 1024
+#: While a batch runs, it is looked at this often (seconds) even if none of
+#: its lines ends through a task: a reply can be ended by a worker's start-up
+#: or lease reaping, which queue no follow-up.
+BATCH_WATCHDOG_SECONDS = 10.0
+#: A batch's advance holds its lock at most this long (seconds); validating
+#: 50,000 lines takes a few.
+BATCH_LOCK_SECONDS = 120
+#: /v1/chat/completions waits this long for a reply to end: the task's hard
+#: time limit plus a minute in the queue.
+API_REPLY_TIMEOUT = CELERY_TASK_TIME_LIMIT + 60
+#: With no frame for this long, the view reads the reply from the database
+#: (an end frame the channel layer dropped must not hang the request).
+API_IDLE_CHECK_SECONDS = 5.0
+#: An API key's `last_used_at` is written at most this often (seconds).
+API_KEY_TOUCH_SECONDS = 60

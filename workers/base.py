@@ -8,6 +8,7 @@ from celery import Task
 
 from chat.generation import error_code, gpu_prepare_for_reply, replies_fail_lost
 from chat.services import message_fail
+from chatsite.logs import message_id_var
 from gpu_manager.manager import GpuManager
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,13 @@ class MessageTask(Task):
     abstract = True
     #: Results are not read: replies travel through the channel layer.
     ignore_result = True
+
+    def before_start(self, task_id, args, kwargs) -> None:
+        # Everything this task logs names its message (chatsite/logs.py).
+        message_id_var.set(args[0] if args else kwargs.get("message_id"))
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
+        message_id_var.set(None)
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         message_id = args[0] if args else kwargs.get("message_id")
@@ -71,11 +79,13 @@ class GpuTask(MessageTask):
         return gpu_manager()
 
     def before_start(self, task_id, args, kwargs) -> None:
+        super().before_start(task_id, args, kwargs)
         if args:
             self.manager.store.current_set(args[0])
 
     def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
         self.manager.store.current_set(None)
+        super().after_return(status, retval, task_id, args, kwargs, einfo)
 
 
 class LocalModelTask(GpuTask):
