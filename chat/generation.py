@@ -199,7 +199,7 @@ def local_reply_generate(*, message_id: int, manager: GpuManager) -> None:
 # --- CPU workers ------------------------------------------------------------
 
 def external_reply_generate(*, message_id: int) -> None:
-    leases = Leases(slot=settings.GPU_SLOT)
+    leases = Leases(slot=settings.OLLAMA_GPU_SLOT)
     try:
         started = reply_start(message_id)
         if started is None:

@@ -92,7 +92,8 @@ class ServiceCollector(Collector):
 
 def _queue_names() -> list[str]:
     routed = {route["queue"] for route in settings.CELERY_TASK_ROUTES.values()}
-    return sorted(routed | {settings.CELERY_TASK_DEFAULT_QUEUE})
+    per_gpu = {f"gpu.{slot}" for slot in gpu_slots()}
+    return sorted(routed | per_gpu | {settings.CELERY_TASK_DEFAULT_QUEUE})
 
 
 _registry = None

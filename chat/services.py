@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from chat.catalog import PREFIXES, CatalogError, ModelChoice, model_resolve
 from chat.metrics import STAGES, message_observe
+from chat.placement import gpu_queue, slot_for_external, slot_for_local
 from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus
 from chat.relay import group_send, message_group
 from chatsite.celery import app
@@ -30,13 +31,14 @@ class ChatInputError(Exception):
 
 def message_enqueue(
     *, user, model: str, content: str, conversation_id: int | None, client_id: str = "",
-    subscribe: Callable[[int], None] | None = None,
+    subscribe: Callable[[int], None] | None = None, priority: int | None = None,
 ) -> Message:
     """Store a user turn and its pending reply, and queue the work after the
     transaction commits (a worker must find the rows it is given).
 
     `subscribe(message_id)` runs after the commit and before the dispatch, so
     that the caller listens on the reply's group before any frame is sent.
+    `priority`: see `message_dispatch`.
     """
     if not isinstance(content, str) or not content.strip():
         raise ChatInputError("empty_content", "The message is empty.")
@@ -68,28 +70,36 @@ def message_enqueue(
                 if subscribe:
                     subscribe(reply.pk)
             finally:
-                message_dispatch(message_id=reply.pk, choice=choice)
+                message_dispatch(message_id=reply.pk, choice=choice, priority=priority)
 
         transaction.on_commit(after_commit)
     return reply
 
 
-def message_dispatch(*, message_id: int, choice: ModelChoice) -> None:
-    """Queue the work for a reply. A local model runs on the GPU worker,
-    whose prelude makes the GPU ready. An external model that needs the GPU
-    freed first gets a short acquire step on the `gpu` queue, in line with
-    every other GPU request, chained to the streaming call on the `cpu` queue.
+def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | None = None) -> None:
+    """Queue the work for a reply. A local model runs on a GPU worker (the
+    slot chat/placement.py picks), whose prelude makes the GPU ready. An
+    external model that needs the GPU freed first gets a short acquire step
+    on the queue of the GPU it shares, in line with every other request for
+    that GPU, chained to the streaming call on the `cpu` queue.
+
+    `priority` (batch lines: settings.BATCH_PRIORITY) goes on every step:
+    Redis hands a worker priority-0 messages (all interactive ones) first.
     """
+    options = {} if priority is None else {"priority": priority}
     try:
         if choice.kind == "local":
-            app.signature("workers.tasks.gpu_generate", args=(message_id,)).apply_async()
+            queue = gpu_queue(slot_for_local(choice.name))
+            app.signature("workers.tasks.gpu_generate", args=(message_id,), queue=queue, **options).apply_async()
         elif choice.needs_gpu_owner:
+            queue = gpu_queue(slot_for_external())
             (
-                app.signature("workers.tasks.gpu_acquire", args=(message_id,), immutable=True)
-                | app.signature("workers.tasks.cpu_generate", args=(message_id,), immutable=True)
+                app.signature("workers.tasks.gpu_acquire", args=(message_id,), immutable=True, queue=queue,
+                              **options)
+                | app.signature("workers.tasks.cpu_generate", args=(message_id,), immutable=True, **options)
             ).apply_async()
         else:
-            app.signature("workers.tasks.cpu_generate", args=(message_id,)).apply_async()
+            app.signature("workers.tasks.cpu_generate", args=(message_id,), **options).apply_async()
     except Exception as exc:  # the broker refused: the message must not sit queued forever
         log.exception("could not queue message %s", message_id)
         message_fail(message_id=message_id, code="queue_unavailable", detail=f"Could not queue the message: {exc}")

@@ -1,13 +1,19 @@
-"""HTTP views: the chat page, the GPU status and model APIs, health checks."""
+"""HTTP views: the chat page, the conversation, GPU status and model APIs,
+health checks."""
 from __future__ import annotations
+
+import json
 
 from django.contrib.auth.decorators import login_required
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import get_token
 from django.shortcuts import render
-from django.views.decorators.http import require_GET
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods
 
-from chat import selectors
+from chat import conversations, selectors
+from chat.models import Conversation, Message, MessageStatus
 from chatsite.redis_client import redis_client
 from workers.heartbeat import workers_alive
 
@@ -24,9 +30,91 @@ def api_login_required(view):
 
 
 @login_required
-def index(request: HttpRequest) -> HttpResponse:
-    page_config = {"ws_url": "/ws/chat/", "models_url": "/api/models/", "gpu_url": "/api/gpu/"}
+def index(request: HttpRequest, conversation_id: int | None = None) -> HttpResponse:
+    """The chat page; /c/<id>/ opens one of the user's conversations, so that
+    a reload or a bookmark comes back to it."""
+    if conversation_id is not None and not Conversation.objects.filter(pk=conversation_id, user=request.user).exists():
+        raise Http404("No such conversation.")
+    page_config = {
+        "ws_url": "/ws/chat/",
+        "models_url": reverse("api-models"),
+        "gpu_url": reverse("api-gpu"),
+        "conversations_url": reverse("api-conversations"),
+        "messages_url": reverse("api-message", args=[0]).removesuffix("0/"),
+        "page_url": reverse("index"),
+        "conversation": conversation_id,
+        # The APIs that change things are POST/PATCH/DELETE behind Django's CSRF check.
+        "csrf_token": get_token(request),
+    }
     return render(request, "chat/index.html", {"page_config": page_config})
+
+
+def _json_body(request: HttpRequest) -> dict:
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise _BadRequest("bad_json", "The body must be one JSON object.")
+    return body
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+def _error(status: int, code: str, detail: str) -> JsonResponse:
+    return JsonResponse({"error": {"code": code, "detail": detail}}, status=status)
+
+
+@require_GET
+@api_login_required
+def api_conversations(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"conversations": selectors.conversations_list(user=request.user)})
+
+
+@require_http_methods(["GET", "PATCH", "DELETE"])
+@api_login_required
+def api_conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    """GET: the conversation with its messages; PATCH {"title"}: rename; DELETE."""
+    try:
+        conversation = selectors.conversation_get(user=request.user, conversation_id=conversation_id)
+    except Conversation.DoesNotExist:
+        return _error(404, "not_found", f"No conversation {conversation_id} of yours.")
+    if request.method == "DELETE":
+        conversations.conversation_delete(conversation=conversation)
+        return HttpResponse(status=204)
+    if request.method == "PATCH":
+        try:
+            conversations.conversation_rename(conversation=conversation, title=_json_body(request).get("title", ""))
+        except (_BadRequest, conversations.ConversationError) as exc:
+            return _error(400, exc.code, exc.detail)
+    return JsonResponse({
+        "conversation": {"id": conversation.pk, "title": conversation.title},
+        "messages": selectors.conversation_messages(conversation=conversation),
+    })
+
+
+@require_http_methods(["GET", "DELETE"])
+@api_login_required
+def api_message(request: HttpRequest, message_id: int) -> HttpResponse:
+    """GET: one message (the page polls a queued reply for its place in the
+    queue, and reads a finished one's figures); DELETE: take back the last
+    exchange for Regenerate, answering the question to send again."""
+    try:
+        message = selectors.message_get(user=request.user, message_id=message_id)
+    except Message.DoesNotExist:
+        return _error(404, "not_found", f"No message {message_id} of yours.")
+    if request.method == "DELETE":
+        try:
+            return JsonResponse(conversations.exchange_retract(reply=message))
+        except conversations.ConversationError as exc:
+            return _error(409, exc.code, exc.detail)
+    position = selectors.queue_positions(message_ids=[message.pk]).get(message.pk) \
+        if message.status == MessageStatus.QUEUED else None
+    return JsonResponse(selectors.message_public(message, queue_position=position))
 
 
 @require_GET
@@ -61,8 +149,9 @@ def readyz(request: HttpRequest) -> JsonResponse:
         missing.append(f"redis: {exc}")
     else:
         alive = workers_alive()
-        for queue in ("gpu", "cpu"):
-            if not alive.get(queue):
-                missing.append(f"{queue} worker: none answered")
+        if not any(queue.startswith("gpu.") for queue in alive):
+            missing.append("gpu worker: none answered")
+        if not alive.get("cpu"):
+            missing.append("cpu worker: none answered")
     status = 503 if missing else 200
     return JsonResponse({"status": "ready" if not missing else "not ready", "missing": missing}, status=status)

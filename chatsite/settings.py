@@ -166,10 +166,12 @@ CELERY_RESULT_BACKEND = REDIS_URL
 CELERY_RESULT_EXPIRES = 3600
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
-# Local-model work is pinned to the one GPU worker; everything that only
-# talks HTTP to Ollama or an OpenAI endpoint runs on the CPU workers.
+# Everything that only talks HTTP to Ollama or an OpenAI endpoint runs on the
+# CPU workers. GPU work is queued per GPU, on `gpu.<slot>`, consumed by that
+# GPU's one worker: the sender names the queue (chat/placement.py); this
+# route only catches a GPU task sent without one.
 CELERY_TASK_ROUTES = {
-    "workers.tasks.gpu_*": {"queue": "gpu"},
+    "workers.tasks.gpu_*": {"queue": f"gpu.{os.environ.get('GPU_SLOT', '0')}"},
     "workers.tasks.cpu_*": {"queue": "cpu"},
 }
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
@@ -208,8 +210,12 @@ MODEL_DISCOVERY_TTL = float(os.environ.get("MODEL_DISCOVERY_TTL", 10.0))
 
 # --- GPU manager ------------------------------------------------------------
 
-#: Name of this GPU worker's slot; one worker per GPU (issue 8 adds more).
+#: Name of this GPU worker's slot; one worker per GPU, each consuming the
+#: queue gpu.<slot> (set with CUDA_VISIBLE_DEVICES in docker-compose.yml).
 GPU_SLOT = os.environ.get("GPU_SLOT", "0")
+#: The slot whose GPU the Ollama server shares: Ollama's work is arbitrated
+#: there, and local models on other GPUs never make room for it.
+OLLAMA_GPU_SLOT = os.environ.get("OLLAMA_GPU_SLOT", "0")
 #: "auto" = cuda when available, else cpu.
 GPU_DEVICE = os.environ.get("GPU_DEVICE", "auto")
 #: Ollama answers an unload before its VRAM is free; poll /api/ps this long

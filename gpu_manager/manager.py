@@ -123,6 +123,15 @@ class GpuManager:
         self.store.memory_write(memory_snapshot(self.device))
         return state
 
+    def forget(self) -> None:
+        """At a clean worker shutdown: the engines die with the process, so
+        the state must stop listing them (a crash is repaired at restart)."""
+        state = self.store.read()
+        if state.local_models:
+            owner = "none" if state.owner == "local" else state.owner
+            self.store.write(state, owner=owner, local_models=[])
+            self._event("owner_change", model=owner, seconds=0.0, freed_bytes=0, note="worker stopped")
+
     def prepare_local(self, *, spec: LocalSpec, preload: list[LocalSpec] = (), ollama_urls: list[str] = (),
                       on_event: EventSink = _ignore) -> GpuState:
         """Make `spec` resident and the local models the GPU's owner."""

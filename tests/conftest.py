@@ -42,15 +42,25 @@ class Workers:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def argv(self, name: str) -> list[str]:
+        """`gpu` and `cpu` as `make run` starts them; `gpu1` is a second GPU
+        worker (slot 1), as docker-compose.yml starts one per extra GPU."""
         from chat.management.commands.runstack import stack_commands
 
+        kind = "gpu" if name.startswith("gpu") else "cpu"
         for proc_name, argv in stack_commands(host="127.0.0.1", port=0):
-            if proc_name == f"{name}-worker":
-                return [a.replace("@%h", "@test") for a in argv]
+            if proc_name == f"{kind}-worker":
+                argv = [a.replace("@%h", "@test").replace("gpu@", f"{name}@") for a in argv]
+                return [f"gpu.{self.slot(name)}" if a.startswith("gpu.") else a for a in argv]
         raise KeyError(name)
+
+    @staticmethod
+    def slot(name: str) -> str:
+        return name.removeprefix("gpu") or "0"
 
     def start(self, name: str) -> None:
         env = {**os.environ, "DATABASE_URL": self.database_url, "PYTHONUNBUFFERED": "1"}
+        if name.startswith("gpu"):
+            env["GPU_SLOT"] = self.slot(name)
         log = open(self.var / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(self.argv(name), cwd=ROOT, env=env, stdout=log,
                                             stderr=subprocess.STDOUT)

@@ -27,7 +27,7 @@ async def test_metrics_count_replies_switches_and_queues(ws_headers, demo_model,
     assert found[("chat_messages_total", (("kind", "local"), ("status", "done")))] >= 1
     assert found[("chat_messages_total", (("kind", "ollama"), ("status", "done")))] >= 1
     assert found[("chat_reply_first_token_seconds_count", (("kind", "ollama"),))] >= 1
-    assert found[("chat_queue_depth", (("queue", "gpu"),))] >= 0
+    assert found[("chat_queue_depth", (("queue", "gpu.0"),))] >= 0
     assert found[("gpu_transitions_total", (("kind", "local_unload"), ("slot", "0")))] >= 1
     assert found[("gpu_owner", (("owner", "ollama"), ("slot", "0")))] == 1
     assert found[("gpu_resident_models", (("model", "qwen:7b"), ("side", "ollama"), ("slot", "0")))] == 1

@@ -129,9 +129,9 @@ async def test_restarted_gpu_worker_repairs_a_stale_state(ws_headers, demo_model
     await comm.connect()
     await send_and_finish(comm, model="local_demo", content="load it")
     assert store().read().local_models == ["local_demo"]
-    # The worker goes away; its models go with its process, but the state
-    # in Redis still says they are resident.
-    await sync_to_async(workers.stop)("gpu")
+    # The worker dies; its models go with its process, but the state in
+    # Redis still says they are resident (a clean stop would have said so).
+    await sync_to_async(workers.kill)("gpu")
     assert store().read().local_models == ["local_demo"]
     await sync_to_async(workers.start)("gpu")
     # start() returns once the worker answers a ping, which comes after its

@@ -7,9 +7,10 @@ import logging
 import threading
 
 from celery import shared_task
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_postrun, worker_ready, worker_shutdown
 from django.conf import settings
 
+from chat.batches import batch_advance, batch_advance_queue, batch_line_ended
 from chat.generation import (
     external_reply_generate, gpu_acquire_for_reply, gpu_worker_recover, local_reply_generate, local_spec,
     local_specs_preload, ollama_urls,
@@ -74,7 +75,7 @@ def _housekeeping(stop: threading.Event) -> None:
             manager.reap_leases()
             if not _idle_queued and manager.idle_engines():
                 _idle_queued = True
-                gpu_unload_idle.apply_async()
+                gpu_unload_idle.apply_async(queue=f"gpu.{settings.GPU_SLOT}")
         except Exception:  # keep the thread alive through a Redis blip
             log.exception("GPU housekeeping failed; retrying")
 
@@ -86,7 +87,7 @@ def worker_started(sender, **kwargs) -> None:
     task is served. Every worker then reports itself alive for /readyz."""
     global _heartbeat
     queues = sorted(sender.app.amqp.queues.consume_from)
-    if "gpu" in queues:
+    if any(q.startswith("gpu.") for q in queues):
         gpu_worker_recover(manager=gpu_manager())
         threading.Thread(target=_housekeeping, args=(threading.Event(),), name="gpu-housekeeping",
                          daemon=True).start()
@@ -95,5 +96,31 @@ def worker_started(sender, **kwargs) -> None:
 
 @worker_shutdown.connect
 def worker_stopping(sender, **kwargs) -> None:
+    queues = sorted(sender.app.amqp.queues.consume_from)
+    if any(q.startswith("gpu.") for q in queues):
+        gpu_manager().forget()
     if _heartbeat is not None:
-        heartbeat_stop(_heartbeat, hostname=sender.hostname, queues=sorted(sender.app.amqp.queues.consume_from))
+        heartbeat_stop(_heartbeat, hostname=sender.hostname, queues=queues)
+
+
+# --- batches (chat/batches.py) ----------------------------------------------
+
+#: The tasks after which a reply may have ended.
+_REPLY_TASKS = {"workers.tasks.gpu_generate", "workers.tasks.gpu_acquire", "workers.tasks.cpu_generate"}
+
+
+@shared_task(ignore_result=True)
+def cpu_batch_advance(batch_id: str) -> None:
+    batch_advance(batch_id=batch_id)
+
+
+@task_postrun.connect
+def batch_line_followup(sender=None, args=None, **kwargs) -> None:
+    """When a reply that is a batch line has ended, its batch moves on (the
+    next line, or the end). After the task, whether it succeeded or failed:
+    a failed reply ends its line as surely as a finished one."""
+    if sender is None or sender.name not in _REPLY_TASKS or not args:
+        return
+    batch_id = batch_line_ended(message_id=args[0])
+    if batch_id is not None:
+        batch_advance_queue(batch_id=batch_id)

@@ -34,7 +34,7 @@ def stack_commands(*, host: str, port: int) -> list[tuple[str, list[str]]]:
             "--host", host, "--port", str(port), "--ws", "websockets-sansio", "--lifespan", "off",
         ]),
         ("gpu-worker", [
-            python, "-m", "celery", "-A", "chatsite", "worker", "-Q", "gpu",
+            python, "-m", "celery", "-A", "chatsite", "worker", "-Q", f"gpu.{settings.GPU_SLOT}",
             "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "-n", "gpu@%h",
             "--loglevel", "INFO",
         ]),
