@@ -110,6 +110,7 @@ class LocalEngine:
         if self.device != "cpu":
             self.model.to(self.device, non_blocking=True)
             torch.cuda.synchronize()
+            memory_release(self.device)  # the pinned host copy is no longer needed
         self.offloaded = False
         self.touch()
 

@@ -53,6 +53,9 @@ def memory_release(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        # Pinned host blocks (warm offload) stay cached by torch's host
+        # allocator until asked (FIELD-NOTES "Pinned pitfalls").
+        torch.accelerator.empty_host_cache()
     _malloc_trim()
 
 
