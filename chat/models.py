@@ -1,3 +1,5 @@
+import secrets
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -145,3 +147,144 @@ class Message(models.Model):
     def usage(self) -> dict:
         prompt, completion = self.prompt_tokens or 0, self.completion_tokens or 0
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# --- The OpenAI-compatible API and its batches (CONTRACT §6, issue 5) ---------
+
+def new_file_id() -> str:
+    return f"file-{secrets.token_hex(12)}"  # OpenAI's id shapes: file-…, batch_…
+
+
+def new_batch_id() -> str:
+    return f"batch_{secrets.token_hex(12)}"
+
+
+class ApiKey(models.Model):
+    """A key for `Authorization: Bearer …`. Only its SHA-256 is stored: the
+    key is 256 random bits, so a slow password hash would add nothing but
+    latency to every request (the key is shown once, at creation)."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16, editable=False, help_text="The key's first characters, to tell keys apart.")
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user}{', revoked' if self.revoked_at else ''})"
+
+
+class BatchFile(models.Model):
+    """A file of the Files API: an uploaded batch input, or a batch's output
+    or error file. Kept in the database, which every process already shares
+    (the web server writes inputs, a worker writes results)."""
+
+    class Purpose(models.TextChoices):
+        BATCH = "batch"
+        BATCH_OUTPUT = "batch_output"
+        BATCH_ERROR = "batch_error"
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_file_id, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batch_files")
+    purpose = models.CharField(max_length=20, choices=Purpose.choices)
+    filename = models.CharField(max_length=255)
+    bytes = models.PositiveBigIntegerField(default=0)
+    content = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.filename})"
+
+
+class BatchStatus(models.TextChoices):
+    # OpenAI's batch statuses (FIELD-NOTES "OpenAI Batch API").
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+BATCH_FINISHED_STATUSES = (BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED)
+
+
+class Batch(models.Model):
+    class Order(models.TextChoices):
+        GROUPED = "grouped", "grouped by GPU owner"
+        ARRIVAL = "arrival", "in file order"
+
+    id = models.CharField(primary_key=True, max_length=40, default=new_batch_id, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="batches")
+    endpoint = models.CharField(max_length=100)
+    completion_window = models.CharField(max_length=10, default="24h")
+    input_file = models.ForeignKey(BatchFile, on_delete=models.PROTECT, related_name="+")
+    output_file = models.ForeignKey(BatchFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    error_file = models.ForeignKey(BatchFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    status = models.CharField(max_length=12, choices=BatchStatus.choices, default=BatchStatus.VALIDATING)
+    order = models.CharField(max_length=10, choices=Order.choices, default=Order.GROUPED)
+    errors = models.JSONField(null=True, blank=True)
+    metadata = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    in_progress_at = models.DateTimeField(null=True, blank=True)
+    finalizing_at = models.DateTimeField(null=True, blank=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+    cancelling_at = models.DateTimeField(null=True, blank=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "batches"
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+
+class BatchLine(models.Model):
+    """One line of a batch's input file. A valid line becomes a Message
+    (through `chat.services.message_enqueue`) when its turn comes; its result
+    is that Message's end. Invalid lines and lines cancelled before their
+    turn end here, without a Message."""
+
+    class State(models.TextChoices):
+        PENDING = "pending"  # valid, waiting for its turn
+        DISPATCHED = "dispatched"  # has its Message: the Message says how it ended
+        INVALID = "invalid"
+        FAILED = "failed"  # could not be queued: its model went away after validation
+        CANCELLED = "cancelled"  # the batch was cancelled before its turn
+
+    batch = models.ForeignKey(Batch, on_delete=models.CASCADE, related_name="lines")
+    line = models.PositiveIntegerField(help_text="1-based line number in the input file.")
+    custom_id = models.CharField(max_length=512, blank=True)
+    model_name = models.CharField(max_length=200, blank=True)
+    #: The GPU owner the line's model needs ("" for one that needs none);
+    #: `rank` orders the groups of a batch run grouped by owner.
+    owner = models.CharField(max_length=10, blank=True)
+    rank = models.PositiveSmallIntegerField(default=0)
+    body = models.JSONField(null=True, blank=True)
+    state = models.CharField(max_length=10, choices=State.choices)
+    error_code = models.CharField(max_length=50, blank=True)
+    error_message = models.TextField(blank=True)
+    message = models.OneToOneField(Message, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="batch_line")
+
+    class Meta:
+        ordering = ["batch", "line"]
+        constraints = [models.UniqueConstraint(fields=["batch", "line"], name="batch_line_unique")]
+        indexes = [models.Index(fields=["batch", "state", "rank", "line"])]
+
+    def __str__(self) -> str:
+        return f"{self.batch_id} line {self.line} ({self.state})"

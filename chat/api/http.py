@@ -1,0 +1,93 @@
+"""What every /v1/ view shares: Bearer authentication, the allowed methods,
+JSON bodies, and errors turned into OpenAI's envelope and status."""
+from __future__ import annotations
+
+import functools
+import json
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, JsonResponse
+from django.utils.decorators import iscoroutinefunction, markcoroutinefunction
+
+from chat.api.keys import api_key_user
+from chat.completions import RequestError, error_body
+
+NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
+          "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). Create one with "
+          "`python manage.py create_api_key USERNAME`.")
+BAD_KEY = "Incorrect API key provided."
+
+
+def error_response(exc: RequestError) -> JsonResponse:
+    return JsonResponse(exc.body(), status=exc.status)
+
+
+def json_body(request: HttpRequest) -> dict:
+    try:
+        body = json.loads(request.body or b"null")
+    except ValueError as exc:
+        raise RequestError("invalid_request", f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise RequestError("invalid_request", "The body must be a JSON object.")
+    return body
+
+
+def _bearer(request: HttpRequest) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _key_error(request: HttpRequest) -> RequestError:
+    message = BAD_KEY if _bearer(request) else NO_KEY
+    return RequestError("invalid_api_key", message, status=401)
+
+
+def api_view(*methods: str):
+    """An API view: answers only `methods`, sets `request.user` from the API
+    key (401 without a live one), and answers a RequestError raised inside
+    with OpenAI's error body. Works for sync and async views; CSRF does not
+    apply to a Bearer-authenticated API."""
+
+    def check_method(request: HttpRequest) -> None:
+        if request.method not in methods:
+            raise RequestError("invalid_request", f"{request.method} is not allowed here; use {', '.join(methods)}.",
+                               status=405)
+
+    def decorate(view):
+        if iscoroutinefunction(view):
+            async def wrapped(request: HttpRequest, *args, **kwargs):
+                try:
+                    check_method(request)
+                    token = _bearer(request)
+                    user = await sync_to_async(api_key_user)(token) if token else None
+                    if user is None:
+                        raise _key_error(request)
+                    request.user = user
+                    return await view(request, *args, **kwargs)
+                except RequestError as exc:
+                    return error_response(exc)
+        else:
+            def wrapped(request: HttpRequest, *args, **kwargs):
+                try:
+                    check_method(request)
+                    token = _bearer(request)
+                    user = api_key_user(token) if token else None
+                    if user is None:
+                        raise _key_error(request)
+                    request.user = user
+                    return view(request, *args, **kwargs)
+                except RequestError as exc:
+                    return error_response(exc)
+        wrapped = functools.wraps(view)(wrapped)
+        if iscoroutinefunction(view):
+            markcoroutinefunction(wrapped)
+        wrapped.csrf_exempt = True
+        return wrapped
+
+    return decorate
+
+
+def not_found(request: HttpRequest, *args, **kwargs) -> JsonResponse:
+    """Any other /v1/ path, in OpenAI's shape rather than Django's HTML page."""
+    return JsonResponse(error_body("invalid_request", f"Invalid URL ({request.method} {request.path})"),
+                        status=404)

@@ -1,0 +1,437 @@
+"""Batches in OpenAI's Batch API format, run through the chat services.
+
+A batch goes: validating (each input line checked; a bad one becomes an
+error line with its number) -> in_progress -> completed, or cancelling ->
+cancelled, or failed when no line is valid.
+
+How lines run:
+
+- Each valid line becomes a Message through `completion_enqueue` (and so
+  `message_enqueue`) when its turn comes, queued with settings.BATCH_PRIORITY:
+  the workers take every interactive message first.
+- At most BATCH_MAX_IN_FLIGHT lines of a batch have a Message that has not
+  ended. That bounds what a cancel must let finish, what waits in the
+  broker ahead of nothing, and the Ollama leases granted ahead of their
+  generation (gpu_manager/leases.py).
+- Lines are taken in `rank` order: grouped by the GPU owner their model
+  needs, the GPU's current owner first, so a mixed batch changes the GPU's
+  owner once per owner rather than once per alternation in the file. The
+  `gpu` queue is FIFO, so no group needs to drain before the next starts.
+- `batch_advance` moves a batch on. It runs as a task when one of the
+  batch's lines ends (workers.tasks' task_postrun hook), after a cancel, and
+  from a watchdog while the batch runs (a reply can also end outside a task,
+  when a worker's death is noticed). It is idempotent and serialized per batch.
+- The output and error files are written once, from the lines' and their
+  Messages' terminal states, in the transaction that ends the batch. A
+  Message ends once (`message_finish`/`message_fail`), so each line appears
+  exactly once, in one of the two files, whatever was redelivered.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Count, Q, Sum
+from django.utils import timezone
+from redis.exceptions import LockError
+
+from chat.catalog import CatalogError, model_resolve
+from chat.completions import (
+    ChatRequest, RequestError, chat_request_parse, completion_enqueue, completion_object, error_body, error_status,
+)
+from chat.models import (
+    BATCH_FINISHED_STATUSES, FINISHED_STATUSES, Batch, BatchFile, BatchLine, BatchStatus, MessageStatus,
+)
+from chatsite.celery import app
+from chatsite.redis_client import redis_client
+from gpu_manager.state import GpuStateStore
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("/v1/chat/completions",)
+COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
+#: Validation errors listed on the batch object itself; all of them are in the error file.
+ERRORS_LISTED = 1000
+
+
+# --- files ------------------------------------------------------------------
+
+def file_create(*, user, filename: str, data: bytes, purpose: str) -> BatchFile:
+    if purpose != BatchFile.Purpose.BATCH:
+        raise RequestError("invalid_request", f"Only purpose 'batch' can be uploaded, not {purpose!r}.",
+                           param="purpose")
+    if len(data) > settings.BATCH_MAX_FILE_BYTES:
+        raise RequestError("invalid_request", f"The file is larger than {settings.BATCH_MAX_FILE_BYTES} bytes.",
+                           param="file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError("invalid_request", f"The file is not UTF-8 text: {exc}", param="file") from exc
+    return BatchFile.objects.create(user=user, purpose=purpose, filename=filename or "upload.jsonl",
+                                    bytes=len(data), content=text)
+
+
+def file_object(file: BatchFile) -> dict:
+    return {"id": file.id, "object": "file", "bytes": file.bytes, "created_at": _ts(file.created_at),
+            "filename": file.filename, "purpose": file.purpose, "status": "processed", "expires_at": None,
+            "status_details": None}
+
+
+# --- creating, cancelling, reading -----------------------------------------
+
+def batch_create(*, user, input_file_id: str, endpoint: str, completion_window: str = "24h",
+                 metadata: dict | None = None, order: str = Batch.Order.GROUPED) -> Batch:
+    """Accept a batch; its lines are validated by the first `batch_advance`."""
+    input_file = BatchFile.objects.filter(pk=input_file_id, user=user).first()
+    if input_file is None:
+        raise RequestError("not_found", f"No such file: {input_file_id}", param="input_file_id", status=404)
+    if input_file.purpose != BatchFile.Purpose.BATCH:
+        raise RequestError("invalid_request", f"{input_file_id} was not uploaded with purpose 'batch'.",
+                           param="input_file_id")
+    if endpoint not in ENDPOINTS:
+        raise RequestError("invalid_request", f"Unsupported endpoint {endpoint!r}; use one of {list(ENDPOINTS)}.",
+                           param="endpoint")
+    if completion_window not in COMPLETION_WINDOWS:
+        raise RequestError("invalid_request", f"completion_window must be one of {list(COMPLETION_WINDOWS)}.",
+                           param="completion_window")
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise RequestError("invalid_request", "metadata must map strings to strings.", param="metadata")
+    with transaction.atomic():
+        batch = Batch.objects.create(user=user, input_file=input_file, endpoint=endpoint,
+                                     completion_window=completion_window, metadata=metadata, order=order,
+                                     expires_at=timezone.now() + COMPLETION_WINDOWS[completion_window])
+        transaction.on_commit(lambda: batch_advance_queue(batch_id=batch.pk))
+    return batch
+
+
+def batch_cancel(*, batch: Batch) -> Batch:
+    """Stop taking new lines: lines whose Message exists finish, the others
+    end as `batch_cancelled`, and the batch ends `cancelled` with the output
+    it has."""
+    if batch.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+        return batch
+    with transaction.atomic():
+        moved = Batch.objects.filter(pk=batch.pk, status__in=[BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS]) \
+            .update(status=BatchStatus.CANCELLING, cancelling_at=timezone.now())
+        if not moved:
+            batch.refresh_from_db()
+            raise RequestError("invalid_request", f"Cannot cancel a batch with status {batch.status!r}.",
+                               status=409)
+        transaction.on_commit(lambda: batch_advance_queue(batch_id=batch.pk))
+    batch.refresh_from_db()
+    return batch
+
+
+def batches_of(*, user, after: str | None = None, limit: int = 20) -> tuple[list[Batch], bool]:
+    """A page of the user's batches, newest first, after the batch `after`."""
+    batches = Batch.objects.filter(user=user).order_by("-created_at", "-pk")
+    if after:
+        anchor = Batch.objects.filter(pk=after, user=user).first()
+        if anchor is None:
+            raise RequestError("not_found", f"No such batch: {after}", param="after", status=404)
+        batches = batches.filter(Q(created_at__lt=anchor.created_at) | Q(created_at=anchor.created_at,
+                                                                         pk__lt=anchor.pk))
+    page = list(batches[:limit + 1])
+    return page[:limit], len(page) > limit
+
+
+def batch_counts(batch: Batch) -> dict:
+    """request_counts, live: a line is completed when its reply is done, and
+    failed when it is invalid, failed, cancelled or its reply did not end well."""
+    dispatched = Q(state=BatchLine.State.DISPATCHED)
+    counts = batch.lines.aggregate(
+        total=Count("pk"),
+        completed=Count("pk", filter=dispatched & Q(message__status=MessageStatus.DONE)),
+        failed=Count("pk", filter=Q(state__in=[BatchLine.State.INVALID, BatchLine.State.FAILED,
+                                               BatchLine.State.CANCELLED])
+                     | dispatched & Q(message__status__in=[MessageStatus.ERROR, MessageStatus.CANCELLED])
+                     | dispatched & Q(message__isnull=True)),
+    )
+    return {"total": counts["total"], "completed": counts["completed"], "failed": counts["failed"]}
+
+
+def batch_object(batch: Batch) -> dict:
+    """The batch as OpenAI's `batch` object."""
+    usage = batch.lines.aggregate(input=Sum("message__prompt_tokens"), output=Sum("message__completion_tokens"))
+    tokens_in, tokens_out = usage["input"] or 0, usage["output"] or 0
+    return {
+        "id": batch.pk, "object": "batch", "endpoint": batch.endpoint, "errors": batch.errors,
+        "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
+        "status": batch.status, "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+        "created_at": _ts(batch.created_at), "in_progress_at": _ts(batch.in_progress_at),
+        "expires_at": _ts(batch.expires_at), "finalizing_at": _ts(batch.finalizing_at),
+        "completed_at": _ts(batch.completed_at), "failed_at": _ts(batch.failed_at), "expired_at": None,
+        "cancelling_at": _ts(batch.cancelling_at), "cancelled_at": _ts(batch.cancelled_at),
+        "request_counts": batch_counts(batch), "metadata": batch.metadata,
+        "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out, "total_tokens": tokens_in + tokens_out,
+                  "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}},
+    }
+
+
+def _ts(moment) -> int | None:
+    return int(moment.timestamp()) if moment else None
+
+
+# --- moving a batch on ------------------------------------------------------
+
+def batch_advance_queue(*, batch_id: str, countdown: float | None = None) -> None:
+    app.signature("workers.tasks.cpu_batch_advance", args=(batch_id,), priority=settings.BATCH_PRIORITY,
+                  countdown=countdown).apply_async()
+
+
+def batch_line_ended(*, message_id: int) -> str | None:
+    """The batch of this reply, if it is a batch line that has ended."""
+    return BatchLine.objects.filter(message_id=message_id, message__status__in=FINISHED_STATUSES) \
+        .values_list("batch_id", flat=True).first()
+
+
+def batch_advance(*, batch_id: str) -> None:
+    """Validate, take the next lines, or end the batch: whatever is due.
+    Safe to run any number of times, concurrently and after a crash."""
+    # One advance per batch at a time (workers run many at once): without
+    # it two could both see room for a line and overfill the window. The
+    # lock expires, so a worker that dies holding it does not stop the batch.
+    lock = redis_client().lock(f"batch:lock:{batch_id}", timeout=settings.BATCH_LOCK_SECONDS,
+                               blocking_timeout=settings.BATCH_LOCK_SECONDS)
+    if not lock.acquire():
+        # The holder does what this call would have done; the watchdog
+        # catches a line that ended after it looked.
+        log.warning("batch %s: advance skipped, another one held the lock too long", batch_id)
+        return
+    try:
+        _advance(batch_id)
+    finally:
+        try:
+            lock.release()
+        except LockError:  # it expired meanwhile: nothing to release
+            log.warning("batch %s: the advance outlived its lock", batch_id)
+
+
+def _advance(batch_id: str) -> None:
+    batch = Batch.objects.select_related("user").filter(pk=batch_id).first()
+    if batch is None or batch.status in BATCH_FINISHED_STATUSES:
+        return
+    if batch.status == BatchStatus.VALIDATING:
+        _validate(batch)
+        batch.refresh_from_db()
+    if batch.status == BatchStatus.IN_PROGRESS:
+        _fill(batch)
+    elif batch.status == BatchStatus.CANCELLING:
+        batch.lines.filter(state=BatchLine.State.PENDING).update(state=BatchLine.State.CANCELLED)
+    batch.refresh_from_db(fields=["status"])  # a cancel may have come meanwhile
+    if batch.status in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING) and not _unfinished(batch):
+        _finalize(batch)
+    elif batch.status not in BATCH_FINISHED_STATUSES:
+        _watchdog_arm(batch_id)
+
+
+def _watchdog_arm(batch_id: str) -> None:
+    # One pending watchdog per batch and interval: every line end arms it,
+    # the key makes all but the first a no-op.
+    if redis_client().set(f"batch:watchdog:{batch_id}", "1", nx=True, ex=int(settings.BATCH_WATCHDOG_SECONDS)):
+        batch_advance_queue(batch_id=batch_id, countdown=settings.BATCH_WATCHDOG_SECONDS)
+
+
+def _in_flight(batch: Batch):
+    return batch.lines.filter(state=BatchLine.State.DISPATCHED, message__isnull=False) \
+        .exclude(message__status__in=FINISHED_STATUSES)
+
+
+def _unfinished(batch: Batch) -> bool:
+    return batch.lines.filter(state=BatchLine.State.PENDING).exists() or _in_flight(batch).exists()
+
+
+def _fill(batch: Batch) -> None:
+    """Give lines their Messages, in rank order, up to the window."""
+    room = settings.BATCH_MAX_IN_FLIGHT - _in_flight(batch).count()
+    while room > 0:
+        lines = list(batch.lines.filter(state=BatchLine.State.PENDING).order_by("rank", "line")[:room])
+        if not lines:
+            return
+        for line in lines:
+            if _line_dispatch(batch, line):
+                room -= 1
+        # A cancel stops the filling at once, not after the window.
+        if Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() != BatchStatus.IN_PROGRESS:
+            return
+
+
+def _line_dispatch(batch: Batch, line: BatchLine) -> bool:
+    """Claim the line and queue its Message, in one transaction: a crash
+    leaves it pending or dispatched with its Message, never half of it."""
+    with transaction.atomic():
+        if not BatchLine.objects.filter(pk=line.pk, state=BatchLine.State.PENDING) \
+                .update(state=BatchLine.State.DISPATCHED):
+            return False
+        try:
+            request = chat_request_parse(line.body)
+            reply = completion_enqueue(user=batch.user, request=request, priority=settings.BATCH_PRIORITY,
+                                       title=f"{batch.pk} #{line.line} {line.custom_id}")
+        except RequestError as exc:
+            # Valid when checked, not now (the model went away): the line ends here.
+            BatchLine.objects.filter(pk=line.pk).update(state=BatchLine.State.FAILED, error_code=exc.code,
+                                                        error_message=exc.message)
+            return False
+        BatchLine.objects.filter(pk=line.pk).update(message=reply)
+    return True
+
+
+# --- validation -------------------------------------------------------------
+
+class _Invalid(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _validate(batch: Batch) -> None:
+    """Check every line; write them all, valid or not, and start the batch
+    (or fail it when no line is valid)."""
+    lines, seen, choices = [], set(), {}
+    for number, raw in enumerate(batch.input_file.content.splitlines(), start=1):
+        if not raw.strip():
+            continue  # a trailing newline, a blank line: not a request
+        line = BatchLine(batch=batch, line=number, state=BatchLine.State.PENDING)
+        try:
+            _line_check(batch, line, raw, seen, choices)
+        except _Invalid as exc:
+            line.state, line.error_code, line.error_message = BatchLine.State.INVALID, exc.code, exc.message
+            line.body = None
+        lines.append(line)
+    too_many = len(lines) > settings.BATCH_MAX_LINES
+    valid = [line for line in lines if line.state == BatchLine.State.PENDING]
+    _ranks_assign(batch, valid)
+    errors = [{"code": line.error_code, "message": line.error_message, "param": None, "line": line.line}
+              for line in lines if line.state == BatchLine.State.INVALID][:ERRORS_LISTED]
+    if too_many:
+        errors = [{"code": "too_many_lines", "message": f"The file has {len(lines)} requests; at most "
+                   f"{settings.BATCH_MAX_LINES} are allowed.", "param": None, "line": None}]
+    with transaction.atomic():
+        now = timezone.now()
+        started = not too_many and bool(valid)
+        moved = Batch.objects.filter(pk=batch.pk, status=BatchStatus.VALIDATING).update(
+            status=BatchStatus.IN_PROGRESS if started else BatchStatus.FAILED,
+            errors={"object": "list", "data": errors} if errors else None,
+            in_progress_at=now if started else None, failed_at=None if started else now)
+        if not moved:
+            return  # cancelled meanwhile
+        if too_many:
+            return
+        BatchLine.objects.bulk_create(lines, batch_size=500)
+        if not started:
+            batch.refresh_from_db()
+            _files_write(batch)
+
+
+def _line_check(batch: Batch, line: BatchLine, raw: str, seen: set, choices: dict) -> None:
+    number = line.line
+    try:
+        request = json.loads(raw)
+    except ValueError as exc:
+        raise _Invalid("invalid_json", f"Line {number}: not valid JSON ({exc}).") from exc
+    if not isinstance(request, dict):
+        raise _Invalid("invalid_request", f"Line {number}: a request must be a JSON object.")
+    custom_id = request.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise _Invalid("missing_custom_id", f"Line {number}: custom_id must be a non-empty string.")
+    line.custom_id = custom_id[:512]
+    if custom_id in seen:
+        raise _Invalid("duplicate_custom_id", f"Line {number}: the custom_id {custom_id!r} is used by an earlier line.")
+    seen.add(custom_id)
+    if request.get("method") != "POST":
+        raise _Invalid("invalid_method", f"Line {number}: method must be \"POST\".")
+    if request.get("url") != batch.endpoint:
+        raise _Invalid("invalid_url", f"Line {number}: url must be {batch.endpoint!r} (the batch's endpoint), "
+                       f"not {request.get('url')!r}.")
+    try:
+        parsed = chat_request_parse(request.get("body"))
+    except RequestError as exc:
+        raise _Invalid("invalid_request", f"Line {number}: {exc.message}") from exc
+    if len(parsed.content) > settings.CHAT_MAX_CONTENT_CHARS:
+        raise _Invalid("content_too_long", f"Line {number}: the last message is longer than "
+                       f"{settings.CHAT_MAX_CONTENT_CHARS} characters.")
+    if parsed.model not in choices:
+        try:
+            choices[parsed.model] = model_resolve(parsed.model)
+        except CatalogError as exc:
+            choices[parsed.model] = exc
+    choice = choices[parsed.model]
+    if isinstance(choice, CatalogError):
+        code = "model_not_found" if choice.code in ("unknown_model", "model_disabled") else choice.code
+        raise _Invalid(code, f"Line {number}: {choice}")
+    line.body, line.model_name, line.owner = request["body"], choice.name, choice.needs_gpu_owner or ""
+
+
+def _ranks_assign(batch: Batch, lines: list[BatchLine]) -> None:
+    """Grouped: the GPU's current owner first, then the other owners in the
+    order they first appear; lines that need no owner go with the first
+    group. Arrival: file order."""
+    if batch.order != Batch.Order.GROUPED:
+        return
+    owners = [GpuStateStore(slot=settings.GPU_SLOT).read().owner]
+    owners += [line.owner for line in lines if line.owner and line.owner not in owners]
+    rank = {owner: index for index, owner in enumerate(owners)}
+    for line in lines:
+        line.rank = rank.get(line.owner, 0)
+
+
+# --- ending -----------------------------------------------------------------
+
+def _finalize(batch: Batch) -> None:
+    """End the batch and write its files, in one transaction; the status
+    it moves from is checked in the update, so this happens once."""
+    with transaction.atomic():
+        now = timezone.now()
+        if batch.status == BatchStatus.IN_PROGRESS:
+            end = {"status": BatchStatus.COMPLETED, "completed_at": now}
+        else:
+            end = {"status": BatchStatus.CANCELLED, "cancelled_at": now}
+        moved = Batch.objects.filter(pk=batch.pk, status=batch.status).update(finalizing_at=now, **end)
+        if moved:
+            batch.refresh_from_db()
+            _files_write(batch)
+
+
+def _files_write(batch: Batch) -> None:
+    """The output and error files, from the lines' terminal states (called
+    in the transaction that ends the batch)."""
+    output, errors = [], []
+    for line in batch.lines.select_related("message").order_by("line"):
+        result = line_result(line)
+        (errors if result["error"] or result["response"]["status_code"] != 200 else output).append(result)
+    fields = {}
+    for purpose, results, name in ((BatchFile.Purpose.BATCH_OUTPUT, output, "output"),
+                                   (BatchFile.Purpose.BATCH_ERROR, errors, "error")):
+        if results:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+            fields[f"{name}_file"] = BatchFile.objects.create(
+                user=batch.user, purpose=purpose, filename=f"{batch.pk}_{name}.jsonl",
+                bytes=len(text.encode()), content=text)
+    if fields:
+        Batch.objects.filter(pk=batch.pk).update(**fields)
+
+
+def line_result(line: BatchLine) -> dict:
+    """One line of the output or error file, in OpenAI's format."""
+    result = {"id": f"batch_req_{line.pk}", "custom_id": line.custom_id or None, "response": None, "error": None}
+    message = line.message
+    if line.state == BatchLine.State.DISPATCHED and message is not None:
+        if message.status == MessageStatus.DONE:
+            result["response"] = {"status_code": 200, "request_id": f"req_{message.pk}",
+                                  "body": completion_object(message)}
+        elif message.status == MessageStatus.ERROR:
+            result["response"] = {"status_code": error_status(message.error_code), "request_id": f"req_{message.pk}",
+                                  "body": error_body(message.error_code, message.error_detail)}
+        else:
+            result["error"] = {"code": "batch_cancelled", "message": "The batch was cancelled before this request ran."}
+    elif line.state == BatchLine.State.DISPATCHED:
+        result["error"] = {"code": "request_deleted", "message": "The request's conversation was deleted."}
+    elif line.state == BatchLine.State.CANCELLED or line.state == BatchLine.State.PENDING:
+        result["error"] = {"code": "batch_cancelled", "message": "The batch was cancelled before this request ran."}
+    else:
+        result["error"] = {"code": line.error_code, "message": line.error_message, "line": line.line}
+    return result

@@ -1,0 +1,163 @@
+"""OpenAI-style chat requests (a model and a list of messages) on top of the
+chat services, for `/v1/chat/completions` and for batch lines alike: the
+request becomes a conversation whose last user turn goes through
+`chat.services.message_enqueue`, and a finished reply reads back as a
+`chat.completion` object. Errors use OpenAI's envelope and statuses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from django.db import transaction
+
+from chat import services
+from chat.models import Conversation, Message, MessageStatus
+
+#: Roles a request may carry. `developer` is OpenAI's newer name for
+#: `system`; the models here know only the older one.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+#: chat.error codes (and ChatInputError codes) -> HTTP status and OpenAI
+#: error type. Anything else is a 500 server_error.
+_ERRORS = {
+    "invalid_request": (400, "invalid_request_error"),
+    "invalid_api_key": (401, "invalid_request_error"),
+    "not_found": (404, "invalid_request_error"),
+    "empty_content": (400, "invalid_request_error"),
+    "content_too_long": (400, "invalid_request_error"),
+    "unknown_model": (404, "invalid_request_error"),
+    "model_not_found": (404, "invalid_request_error"),
+    "model_disabled": (404, "invalid_request_error"),
+    "upstream_rate_limited": (429, "rate_limit_exceeded"),
+    "upstream_error": (502, "server_error"),
+    "upstream_auth": (502, "server_error"),
+    "endpoint_unavailable": (503, "server_error"),
+    "queue_unavailable": (503, "server_error"),
+    "gpu_busy": (503, "server_error"),
+    "timeout": (504, "server_error"),
+}
+#: Our codes that OpenAI clients know under another name.
+_OPENAI_CODES = {"unknown_model": "model_not_found", "model_disabled": "model_not_found"}
+
+
+class RequestError(Exception):
+    """A request that cannot be answered, as OpenAI reports it."""
+
+    def __init__(self, code: str, message: str, *, param: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+        self.status = status or error_status(code)
+
+    def body(self) -> dict:
+        return error_body(self.code, self.message, param=self.param)
+
+
+def error_status(code: str) -> int:
+    return _ERRORS.get(code, (500, ""))[0]
+
+
+def error_body(code: str, message: str, *, param: str | None = None) -> dict:
+    """OpenAI's error envelope (the official client reads `error.message`)."""
+    kind = _ERRORS.get(code, (500, "server_error"))[1]
+    return {"error": {"message": message, "type": kind, "param": param, "code": _OPENAI_CODES.get(code, code)}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    content: str  # the last user turn
+    history: list[dict] = field(default_factory=list)  # the turns before it
+    stream: bool = False
+    include_usage: bool = False
+
+
+def chat_request_parse(body) -> ChatRequest:
+    """Validate a `/v1/chat/completions` body. Sampling options (max_tokens,
+    temperature, top_p) are accepted and not applied: a model's defaults
+    are set per model in the admin."""
+    if not isinstance(body, dict):
+        raise RequestError("invalid_request", "The body must be a JSON object.")
+    model, messages = body.get("model"), body.get("messages")
+    if not isinstance(model, str) or not model:
+        raise RequestError("invalid_request", "you must provide a model parameter", param="model")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("invalid_request", "'messages' must be a non-empty list.", param="messages")
+    turns = []
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise RequestError("invalid_request", f"messages[{index}].role must be one of {sorted(ROLES)}.",
+                               param=f"messages[{index}].role")
+        turns.append({"role": ROLES[role], "content": _text(message.get("content"), index)})
+    if turns[-1]["role"] != "user":
+        raise RequestError("invalid_request", "The last message must be the user's.", param="messages")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("invalid_request", "'stream' must be a boolean.", param="stream")
+    options = body.get("stream_options") or {}
+    return ChatRequest(model=model, content=turns[-1]["content"], history=turns[:-1], stream=stream,
+                       include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
+
+
+def _text(content, index: int) -> str:
+    """A message's content: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    raise RequestError("invalid_request", f"messages[{index}].content must be text.",
+                       param=f"messages[{index}].content")
+
+
+def completion_enqueue(*, user, request: ChatRequest, title: str = "", priority: int | None = None,
+                       subscribe: Callable[[int], None] | None = None) -> Message:
+    """Store the request as a new conversation and queue its reply.
+
+    A request carries its whole history, so each gets its own conversation:
+    the earlier turns are stored as finished messages, the last one goes
+    through `message_enqueue` like a message from the chat page.
+    """
+    try:
+        with transaction.atomic():
+            conversation_id = None
+            if request.history or title:
+                conversation = Conversation.objects.create(user=user, title=(title or request.content.strip())[:60])
+                Message.objects.bulk_create(
+                    Message(conversation=conversation, role=turn["role"], content=turn["content"],
+                            model_name=request.model, status=MessageStatus.DONE)
+                    for turn in request.history
+                )
+                conversation_id = conversation.pk
+            return services.message_enqueue(user=user, model=request.model, content=request.content,
+                                            conversation_id=conversation_id, subscribe=subscribe,
+                                            priority=priority)
+    except services.ChatInputError as exc:
+        param = "model" if exc.code in ("unknown_model", "model_disabled") else "messages"
+        raise RequestError(exc.code, exc.detail, param=param) from exc
+
+
+def completion_object(reply: Message) -> dict:
+    """A finished reply as OpenAI's `chat.completion`."""
+    return {
+        "id": completion_id(reply.pk),
+        "object": "chat.completion",
+        "created": int((reply.queued_at or reply.finished_at).timestamp()),
+        "model": reply.model_name,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": reply.content, "refusal": None},
+            "logprobs": None,
+            "finish_reason": finish_reason(reply.finish_reason),
+        }],
+        "usage": reply.usage(),
+    }
+
+
+def completion_id(message_id: int) -> str:
+    return f"chatcmpl-{message_id}"
+
+
+def finish_reason(reason: str) -> str:
+    # "cancelled" is ours (Stop); OpenAI's clients know stop and length.
+    return "length" if reason == "length" else "stop"
