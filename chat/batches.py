@@ -10,8 +10,8 @@ How lines run:
   `message_enqueue`) when its turn comes, queued with settings.BATCH_PRIORITY:
   the workers take every interactive message first.
 - At most BATCH_MAX_IN_FLIGHT lines of a batch have a Message that has not
-  ended. That bounds what a cancel must let finish, what waits in the
-  broker ahead of nothing, and the Ollama leases granted ahead of their
+  ended. That bounds what a cancel must let finish, what a batch puts in
+  the broker at once, and the Ollama leases granted ahead of their
   generation (gpu_manager/leases.py).
 - Lines are taken in `rank` order: grouped by the GPU owner their model
   needs, the GPU's current owner first, so a mixed batch changes the GPU's
@@ -40,7 +40,7 @@ from redis.exceptions import LockError
 
 from chat.catalog import CatalogError, model_resolve
 from chat.completions import (
-    ChatRequest, RequestError, chat_request_parse, completion_enqueue, completion_object, error_body, error_status,
+    RequestError, chat_request_parse, completion_enqueue, completion_object, error_body, error_status,
 )
 from chat.models import (
     BATCH_FINISHED_STATUSES, FINISHED_STATUSES, Batch, BatchFile, BatchLine, BatchStatus, MessageStatus,
@@ -85,7 +85,7 @@ def file_object(file: BatchFile) -> dict:
 def batch_create(*, user, input_file_id: str, endpoint: str, completion_window: str = "24h",
                  metadata: dict | None = None, order: str = Batch.Order.GROUPED) -> Batch:
     """Accept a batch; its lines are validated by the first `batch_advance`."""
-    input_file = BatchFile.objects.filter(pk=input_file_id, user=user).first()
+    input_file = BatchFile.objects.filter(pk=input_file_id, user=user).defer("content").first()
     if input_file is None:
         raise RequestError("not_found", f"No such file: {input_file_id}", param="input_file_id", status=404)
     if input_file.purpose != BatchFile.Purpose.BATCH:
@@ -191,24 +191,32 @@ def batch_line_ended(*, message_id: int) -> str | None:
 
 def batch_advance(*, batch_id: str) -> None:
     """Validate, take the next lines, or end the batch: whatever is due.
-    Safe to run any number of times, concurrently and after a crash."""
-    # One advance per batch at a time (workers run many at once): without
-    # it two could both see room for a line and overfill the window. The
-    # lock expires, so a worker that dies holding it does not stop the batch.
-    lock = redis_client().lock(f"batch:lock:{batch_id}", timeout=settings.BATCH_LOCK_SECONDS,
-                               blocking_timeout=settings.BATCH_LOCK_SECONDS)
-    if not lock.acquire():
-        # The holder does what this call would have done; the watchdog
-        # catches a line that ended after it looked.
-        log.warning("batch %s: advance skipped, another one held the lock too long", batch_id)
-        return
-    try:
-        _advance(batch_id)
-    finally:
+    Safe to run any number of times, concurrently and after a crash.
+
+    One advance per batch runs at a time (two could both see room for a
+    line and overfill the window). A call that finds another running marks
+    the batch and leaves: the one running looks again while the mark is
+    there, so a burst of line ends costs one pass, not one wait each, and
+    no CPU worker thread waits on a lock. The lock expires, so a worker that
+    dies holding it does not stop the batch (the watchdog comes back).
+    """
+    r = redis_client()
+    mark = f"batch:changed:{batch_id}"
+    r.set(mark, "1", ex=settings.BATCH_LOCK_SECONDS)
+    lock = r.lock(f"batch:lock:{batch_id}", timeout=settings.BATCH_LOCK_SECONDS)
+    while lock.acquire(blocking=False):
         try:
-            lock.release()
-        except LockError:  # it expired meanwhile: nothing to release
-            log.warning("batch %s: the advance outlived its lock", batch_id)
+            while r.delete(mark):
+                _advance(batch_id)
+        finally:
+            try:
+                lock.release()
+            except LockError:  # it expired meanwhile: nothing to release
+                log.warning("batch %s: an advance outlived its lock", batch_id)
+        # A mark set after the last look, by a call that found the lock
+        # still held, is this call's to handle.
+        if not r.exists(mark):
+            return
 
 
 def _advance(batch_id: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 
 import httpx
 import openai
@@ -103,7 +102,3 @@ def jsonl(lines) -> bytes:
 def request_line(custom_id: str, model: str, content: str = "hello", url: str = "/v1/chat/completions") -> dict:
     return {"custom_id": custom_id, "method": "POST", "url": url,
             "body": {"model": model, "messages": [{"role": "user", "content": content}]}}
-
-
-def elapsed(started: float) -> float:
-    return time.monotonic() - started
