@@ -1,6 +1,10 @@
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext_lazy as _
 
+from chat import selectors
 from chat.catalog import catalog_forget
 from chat.models import Conversation, Message, ModelConfig
 
@@ -37,7 +41,40 @@ class ModelConfigAdmin(admin.ModelAdmin):
     fields = (
         "kind", "name", "enabled", "is_default", "path", "base_url", "api_key", "clear_api_key",
         "frees_gpu", "keep_alive", "preload", "warm_offload", "max_new_tokens", "temperature", "top_p",
+        "discovered_models",
     )
+    readonly_fields = ("discovered_models",)
+    actions = ["test_connection"]
+
+    @admin.action(description=_("Test connection and list the models"))
+    def test_connection(self, request, queryset) -> None:
+        for config in queryset:
+            probe = selectors.model_config_probe(config=config)
+            # Quoted: the admin capitalises a message's first letter, and a
+            # name is case-sensitive.
+            values = {"name": config.name, "detail": probe["detail"], "models": ", ".join(probe["models"]) or "—"}
+            if probe["ok"]:
+                self.message_user(request, _("“%(name)s” OK — %(detail)s: %(models)s") % values, messages.SUCCESS)
+            else:
+                self.message_user(request, _("“%(name)s” failed — %(detail)s") % values, messages.ERROR)
+        catalog_forget()  # the picker shows what was just found, not a cached answer
+
+    @admin.display(description=_("discovered models"))
+    def discovered_models(self, obj: ModelConfig | None) -> str:
+        # Asked live on every change page: an admin opening a row wants to
+        # know what it offers now. Never shows the key (CONTRACT: write-only).
+        if obj is None or obj.pk is None:
+            return _("Save first; then this lists what the model or endpoint offers.")
+        probe = selectors.model_config_probe(config=obj)
+        if not probe["ok"]:
+            return format_html('<span class="errornote-inline">{}</span>', probe["detail"])
+        items = format_html_join("", "<li>{}</li>", ((name,) for name in probe["models"]))
+        return format_html("{}<ul>{}</ul>", probe["detail"], items)
+
+    def changelist_view(self, request, extra_context=None):
+        # The GPU page (chat/admin_gpu.py) has its own URL outside the model admins.
+        extra_context = {**(extra_context or {}), "gpu_url": reverse("admin-gpu")}
+        return super().changelist_view(request, extra_context)
 
     def save_model(self, request, obj, form, change) -> None:
         super().save_model(request, obj, form, change)
@@ -56,6 +93,17 @@ class ModelConfigAdmin(admin.ModelAdmin):
         return bool(obj.api_key)
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Conversations are the users' record: staff may read them and delete
+    a whole conversation, never write into one."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
 class MessageInline(admin.TabularInline):
     model = Message
     extra = 0
@@ -66,18 +114,30 @@ class MessageInline(admin.TabularInline):
     def has_add_permission(self, request, obj=None) -> bool:
         return False
 
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
 
 @admin.register(Conversation)
-class ConversationAdmin(admin.ModelAdmin):
+class ConversationAdmin(ReadOnlyAdmin):
     list_display = ("id", "user", "title", "created_at", "updated_at")
-    list_filter = ("user",)
+    list_display_links = ("id", "title")
+    list_filter = ("user", "messages__model_name", "messages__status")
+    search_fields = ("title", "user__username")
     inlines = [MessageInline]
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
-    list_display = ("id", "conversation", "role", "model_name", "status", "finish_reason", "queued_at", "finished_at")
-    list_filter = ("status", "role", "model_name")
-    readonly_fields = (
-        "queued_at", "started_at", "first_token_at", "finished_at", "prompt_tokens", "completion_tokens",
-    )
+class MessageAdmin(ReadOnlyAdmin):
+    list_display = ("id", "conversation", "user", "role", "model_name", "status", "finish_reason", "queued_at",
+                    "finished_at")
+    list_filter = ("status", "role", "model_name", "conversation__user")
+    list_select_related = ("conversation__user",)
+    search_fields = ("content", "conversation__title")
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # a message goes with its conversation
+
+    @admin.display(description=_("user"), ordering="conversation__user")
+    def user(self, obj: Message):
+        return obj.conversation.user

@@ -1,7 +1,12 @@
 """Read-only views of the service's state, for pages and APIs."""
 from __future__ import annotations
 
-from chat.catalog import catalog_list, default_model_name
+from pathlib import Path
+
+from chat.catalog import PREFIXES, catalog_list, default_model_name
+from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus, ModelConfig, ModelKind
+from chat.openai_endpoint import OpenAIEndpointError, openai_models
+from gpu_manager.ollama import OllamaError, ollama_tags
 from gpu_manager.state import GpuStateStore, gpu_slots
 
 
@@ -45,4 +50,120 @@ def models_available() -> dict:
 
 def _public_event(event: dict) -> dict:
     keys = ("at", "slot", "kind", "model", "freed_bytes", "seconds")
-    return {k: event.get(k) for k in keys} | {k: event[k] for k in ("before", "after", "survivors") if k in event}
+    # Beyond CONTRACT §5: the memory readings around the step, what survived
+    # an unload, and the details the chat page's GPU panel words events by.
+    extra = ("before", "after", "survivors", "warm", "reason", "endpoint", "previous")
+    return {k: event.get(k) for k in keys} | {k: event[k] for k in extra if k in event}
+
+
+# --- conversations and messages, always scoped to their owner -----------------
+
+def conversations_list(*, user) -> list[dict]:
+    """The user's conversations, most recently used first, each marked when a
+    reply in it is still queued or streaming (the list shows a spinner)."""
+    busy = set(
+        Message.objects.filter(conversation__user=user, role=Message.Role.ASSISTANT)
+        .exclude(status__in=FINISHED_STATUSES)
+        .values_list("conversation_id", flat=True)
+    )
+    return [
+        {"id": c.pk, "title": c.title or "", "updated_at": c.updated_at, "busy": c.pk in busy}
+        for c in Conversation.objects.filter(user=user).order_by("-updated_at", "-pk")
+    ]
+
+
+def conversation_get(*, user, conversation_id: int) -> Conversation:
+    """The user's conversation; Conversation.DoesNotExist for anyone else's."""
+    return Conversation.objects.get(pk=conversation_id, user=user)
+
+
+def conversation_messages(*, conversation: Conversation) -> list[dict]:
+    messages = list(conversation.messages.order_by("pk"))
+    positions = queue_positions(message_ids=[m.pk for m in messages if m.status == MessageStatus.QUEUED])
+    return [message_public(m, queue_position=positions.get(m.pk)) for m in messages]
+
+
+def message_get(*, user, message_id: int) -> Message:
+    """The user's message; Message.DoesNotExist for anyone else's."""
+    return Message.objects.select_related("conversation").get(pk=message_id, conversation__user=user)
+
+
+def queue_positions(*, message_ids: list[int]) -> dict[int, int]:
+    """How many replies are ahead of each queued one: every unfinished reply
+    queued before it, of any user. The GPU worker takes requests in arrival
+    order (README), so this is the wait a user can expect; a reply for an
+    OpenAI endpoint that does not use the GPU is counted although it does not
+    wait for it, which makes the figure an upper bound."""
+    if not message_ids:
+        return {}
+    ahead = list(
+        Message.objects.filter(role=Message.Role.ASSISTANT, pk__lt=max(message_ids))
+        .exclude(status__in=FINISHED_STATUSES)
+        .values_list("pk", flat=True)
+    )
+    return {mid: sum(1 for pk in ahead if pk < mid) for mid in message_ids}
+
+
+def message_public(message: Message, *, queue_position: int | None = None) -> dict:
+    """One message as the chat page shows it, with the figures under a reply:
+    time to first token (from the moment it was sent, so queueing and any GPU
+    switch count, as the user felt them) and tokens per second while it
+    streamed."""
+    ttft = tps = None
+    if message.first_token_at and message.queued_at:
+        ttft = round((message.first_token_at - message.queued_at).total_seconds(), 3)
+    if message.first_token_at and message.finished_at and message.completion_tokens:
+        streaming = (message.finished_at - message.first_token_at).total_seconds()
+        # One token, or a reply that arrived in one frame, has no rate to speak of.
+        if streaming > 0 and message.completion_tokens > 1:
+            tps = round(message.completion_tokens / streaming, 1)
+    return {
+        "id": message.pk,
+        "conversation": message.conversation_id,
+        "role": message.role,
+        "content": message.content,
+        "model": message.model_name,
+        # The page's own id for a send, to tell after a reconnect whether it arrived.
+        "client_id": message.client_id,
+        "status": message.status,
+        "finish_reason": message.finish_reason,
+        "error_code": message.error_code,
+        "error_detail": message.error_detail,
+        "usage": message.usage(),
+        "queued_at": message.queued_at,
+        "first_token_at": message.first_token_at,
+        "finished_at": message.finished_at,
+        "ttft_seconds": ttft,
+        "tokens_per_second": tps,
+        "queue_position": queue_position,
+    }
+
+
+# --- the admin's checks ------------------------------------------------------
+
+def model_config_probe(*, config: ModelConfig) -> dict:
+    """Ask what a configured model or endpoint offers now, bypassing the
+    catalog's cache: {"ok", "detail", "models"}. A local model's directory is
+    checked on disk (loading it is the GPU worker's business, not the web
+    process's); an endpoint is asked for its model list."""
+    if config.kind == ModelKind.LOCAL:
+        path = Path(config.path)
+        if not (path / "config.json").is_file():
+            return {"ok": False, "detail": f"{path} has no config.json: not a model directory", "models": []}
+        weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if not weights:
+            return {"ok": False, "detail": f"{path} holds no .safetensors or .bin weights", "models": []}
+        size = sum((path / w).stat().st_size for w in weights)
+        resident = any(config.name in GpuStateStore(slot=s).read().local_models for s in gpu_slots())
+        state = "resident on the GPU now" if resident else "not loaded now"
+        return {"ok": True, "detail": f"{len(weights)} weight file(s), {size:,} bytes; {state}",
+                "models": [config.name]}
+    try:
+        if config.kind == ModelKind.OLLAMA:
+            found = ollama_tags(config.base_url)
+        else:
+            found = openai_models(config.base_url.rstrip("/"), config.api_key)
+    except (OllamaError, OpenAIEndpointError) as exc:
+        return {"ok": False, "detail": str(exc), "models": []}
+    prefix = PREFIXES[config.kind]
+    return {"ok": True, "detail": f"{len(found)} model(s)", "models": [prefix + name for name in found]}

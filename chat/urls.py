@@ -1,11 +1,20 @@
 from django.urls import path
+from django.views.i18n import JavaScriptCatalog, set_language
 
 from chat import views
 
 urlpatterns = [
     path("", views.index, name="index"),
+    path("c/<int:conversation_id>/", views.index, name="conversation"),
     path("api/gpu/", views.api_gpu, name="api-gpu"),
     path("api/models/", views.api_models, name="api-models"),
+    path("api/conversations/", views.api_conversations, name="api-conversations"),
+    path("api/conversations/<int:conversation_id>/", views.api_conversation, name="api-conversation"),
+    path("api/messages/<int:message_id>/", views.api_message, name="api-message"),
+    # Django's own language switch (POST language=…) and the chat page's
+    # translations for its script (the "djangojs" catalog of this app).
+    path("i18n/setlang/", set_language, name="set_language"),
+    path("jsi18n/", JavaScriptCatalog.as_view(packages=["chat"]), name="javascript-catalog"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
 ]

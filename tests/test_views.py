@@ -277,8 +277,11 @@ def test_index_carries_the_page_config(logged_in):
     html = response.content.decode()
     match = re.search(r'<script id="page-config" type="application/json">(.*?)</script>', html, re.S)
     assert match, "no page-config script element"
-    assert json.loads(match.group(1)) == {"ws_url": "/ws/chat/", "models_url": "/api/models/",
-                                          "gpu_url": "/api/gpu/"}
+    config = json.loads(match.group(1))
+    assert {k: config[k] for k in ("ws_url", "models_url", "gpu_url")} == {
+        "ws_url": "/ws/chat/", "models_url": "/api/models/", "gpu_url": "/api/gpu/"}
+    # The conversation endpoints and the CSRF token are tested in tests/test_conversations.py.
+    assert config["conversation"] is None and config["csrf_token"]
 
 
 def csrf_token(html: str) -> str:

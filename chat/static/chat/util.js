@@ -1,0 +1,85 @@
+// Helpers shared by the chat page's modules. Text reaches the page through
+// textContent only (el's third argument); nothing here builds HTML.
+
+export const LOGIN_URL = "/accounts/login/?next=";
+
+export function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// Decimal units, so that "GB" on the page means 10^9 bytes, as in the README.
+export function humanBytes(n) {
+  if (typeof n !== "number" || !Number.isFinite(n)) return "?";
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+  return i === 0 ? `${n} B` : `${n.toFixed(2)} ${units[i]}`;
+}
+
+export function seconds(s) {
+  const value = Number(s) || 0;
+  return interpolate(gettext("%(s)s s"), { s: value < 10 ? value.toFixed(2) : value.toFixed(1) }, true);
+}
+
+export function randomId() {
+  // crypto.randomUUID needs a secure context; plain http on a LAN address is not one.
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)),
+    (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+let csrfToken = "";
+export function setCsrfToken(token) { csrfToken = token; }
+
+export class HttpError extends Error {
+  constructor(status, body) {
+    super(body && body.error ? body.error.detail : `HTTP ${status}`);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+// JSON in and out, same-origin, with the CSRF token on anything that writes.
+// An expired session (a redirect to the login page, or 401) goes to log in.
+export async function request(url, { method = "GET", body } = {}) {
+  const headers = { Accept: "application/json" };
+  if (method !== "GET") headers["X-CSRFToken"] = csrfToken;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const resp = await fetch(url, {
+    method, headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (resp.status === 401 || (resp.redirected && new URL(resp.url).pathname.startsWith("/accounts/login"))) {
+    location.assign(LOGIN_URL + encodeURIComponent(location.pathname));
+    throw new HttpError(401, null);
+  }
+  if (resp.status === 204) return null;
+  const data = await resp.json().catch(() => null);
+  if (!resp.ok) throw new HttpError(resp.status, data);
+  return data;
+}
+
+export const getJSON = (url) => request(url);
+
+// Clipboard: the async API needs a secure context (https or localhost); on
+// plain http to a LAN address fall back to a hidden textarea and execCommand.
+export async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) {
+    try {
+      await navigator.clipboard.writeText(text);
+      return true;
+    } catch { /* permission refused: try the old way */ }
+  }
+  const area = el("textarea");
+  area.value = text;
+  area.setAttribute("readonly", "");
+  area.style.position = "fixed";
+  area.style.opacity = "0";
+  document.body.append(area);
+  area.select();
+  let ok = false;
+  try { ok = document.execCommand("copy"); } catch { ok = false; }
+  area.remove();
+  return ok;
+}
