@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,16 +102,30 @@ def run(args) -> None:
         since = time.time()
         started = time.monotonic()
         batch = batches.batch_create(user=user, input_file_id=upload.pk, endpoint="/v1/chat/completions", order=order)
-        while (batch := Batch.objects.get(pk=batch.pk)).status not in (BatchStatus.COMPLETED, BatchStatus.FAILED):
+        # Redis keeps the last GPU_EVENTS_KEPT events: collect them as they come.
+        events = {}
+        while True:
+            events.update({(e["at"], e["kind"]): e for e in store.events(settings.GPU_EVENTS_KEPT) if e["at"] >= since})
+            batch = Batch.objects.get(pk=batch.pk)
+            if batch.status in (BatchStatus.COMPLETED, BatchStatus.FAILED):
+                break
             time.sleep(0.2)
         seconds = time.monotonic() - started
         counts = batches.batch_counts(batch)
-        events = [e for e in store.events(settings.GPU_EVENTS_KEPT) if e["at"] >= since]
-        kinds = {k: sum(e["kind"] == k for e in events) for k in ("owner_change", "local_unload", "ollama_unload",
-                                                                  "local_load")}
+        kinds = {k: sum(e["kind"] == k for e in events.values())
+                 for k in ("owner_change", "local_unload", "ollama_unload", "local_load")}
         print(f"{order:8}: {batch.status}, {counts['completed']} completed, {counts['failed']} failed in "
               f"{seconds:.1f} s = {args.lines / seconds:.1f} lines/s; switches {kinds} "
               f"(fewest owner changes possible: {fewest})")
+        if batch.error_file_id:
+            codes = Counter(_error_code(json.loads(line)) for line in batch.error_file.content.splitlines())
+            print(f"          failed lines by error: {dict(codes)}")
+
+
+def _error_code(result: dict) -> str:
+    if result["error"]:
+        return result["error"]["code"]
+    return result["response"]["body"]["error"]["code"]
 
 
 if __name__ == "__main__":

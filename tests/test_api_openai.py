@@ -11,6 +11,7 @@ from django.core.management import call_command
 from chat.api.keys import api_key_create, api_key_digest
 from chat.models import ApiKey, Message, ModelConfig
 from tests.api_server import api, api_key, api_server  # noqa: F401  (fixtures)
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -96,9 +97,23 @@ def test_streaming_completion_is_sse_chunks_ending_with_done(api, api_server, ap
     assert last["choices"][0]["finish_reason"] == "stop" and last["usage"]["completion_tokens"] > 0
 
 
+def test_a_client_that_hangs_up_stops_its_reply(api_server, api_key, demo_model, workers, stack):
+    stack.ollama.reply = " ".join(f"w{i}" for i in range(400))
+    stack.ollama.token_delay = 0.02  # 8 s in all: far longer than the test waits
+    body = {"model": "ollama_qwen:7b", "stream": True, "messages": [{"role": "user", "content": "go on"}]}
+    with httpx.stream("POST", f"{api_server}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {api_key}"}) as answer:
+        first = json.loads(next(line for line in answer.iter_lines() if line).removeprefix("data: "))
+    reply_id = int(first["id"].removeprefix("chatcmpl-"))
+    reply = wait_for(lambda: Message.objects.filter(pk=reply_id, status="cancelled").first(), timeout=10,
+                     what="the reply to stop")
+    assert reply.finish_reason == "cancelled" and len(reply.content) < len(stack.ollama.reply)
+
+
 def test_the_whole_history_reaches_the_model(api, demo_model, workers, stack):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one"},
-                {"role": "assistant", "content": "two"}, {"role": "user", "content": [{"type": "text", "text": "three"}]}]
+                {"role": "assistant", "content": "two"},
+                {"role": "user", "content": [{"type": "text", "text": "three"}]}]
     api.chat.completions.create(model="openai_gpt-4o-mini", messages=messages)
     sent = stack.openai.requests_to("/v1/chat/completions")[-1].body["messages"]
     assert sent == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "one"},

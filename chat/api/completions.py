@@ -130,8 +130,13 @@ def _cancel_unfinished(user, message_id: int | None) -> None:
         pass  # it has ended already
 
 
-def _error_from_frame(frame: dict) -> RequestError:
-    return RequestError(frame.get("code") or "internal_error", frame.get("detail") or "The reply failed.")
+async def _failed(user, message_id: int, frame: dict) -> JsonResponse:
+    """The HTTP error for a reply's `chat.error`. A timeout is ours, not the
+    reply's: that reply is still running, and nobody will read it."""
+    if frame["code"] == "timeout":
+        await sync_to_async(_cancel_unfinished)(user, message_id)
+    code, detail = frame.get("code") or "internal_error", frame.get("detail") or "The reply failed."
+    return error_response(RequestError(code, detail))
 
 
 @api_view("POST")
@@ -149,7 +154,7 @@ async def chat_completions(request: HttpRequest):
             # a reply that fails before its first token gets a real HTTP status.
             first = await _first_content_frame(frames)
             if first["type"] == "chat.error":
-                return error_response(_error_from_frame(first))
+                return await _failed(request.user, reply.pk, first)
             handed_over = True
             response = StreamingHttpResponse(
                 _sse(request.user, listener, frames, first, reply, include_usage=chat.include_usage),
@@ -161,9 +166,7 @@ async def chat_completions(request: HttpRequest):
         async for frame in frames:
             end = frame
         if end["type"] == "chat.error":
-            if end["code"] == "timeout":
-                await sync_to_async(_cancel_unfinished)(request.user, reply.pk)
-            return error_response(_error_from_frame(end))
+            return await _failed(request.user, reply.pk, end)
         finished = await Message.objects.aget(pk=reply.pk)
         return JsonResponse(completion_object(finished))
     except asyncio.CancelledError:
@@ -205,7 +208,8 @@ async def _sse(user, listener: ReplyListener, frames: AsyncIterator[dict], first
                 yield event(delta({"content": frame["text"]}))
             elif frame["type"] == "chat.error":
                 finished = frame.get("code") != "timeout"  # a reply still running is stopped below
-                yield f"data: {json.dumps(error_body(frame.get('code') or 'internal_error', frame.get('detail', '')))}\n\n"
+                error = error_body(frame.get("code") or "internal_error", frame.get("detail", ""))
+                yield f"data: {json.dumps(error)}\n\n"
                 break
             elif frame["type"] == "chat.done":
                 finished = True
