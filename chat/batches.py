@@ -376,12 +376,15 @@ def _line_check(batch: Batch, line: BatchLine, raw: str, seen: set, choices: dic
 
 def _ranks_assign(batch: Batch, lines: list[BatchLine]) -> None:
     """Grouped: the GPU's current owner first, then the other owners in the
-    order they first appear; lines that need no owner go with the first
+    order they first appear, the local models last (handing the GPU from
+    Ollama to an OpenAI endpoint unloads nothing, handing it away from the
+    local models unloads them); lines that need no owner go with the first
     group. Arrival: file order."""
     if batch.order != Batch.Order.GROUPED:
         return
     owners = [GpuStateStore(slot=settings.GPU_SLOT).read().owner]
-    owners += [line.owner for line in lines if line.owner and line.owner not in owners]
+    others = [line.owner for line in lines if line.owner and line.owner not in owners]
+    owners += sorted(dict.fromkeys(others), key=lambda owner: owner == "local")
     rank = {owner: index for index, owner in enumerate(owners)}
     for line in lines:
         line.rank = rank.get(line.owner, 0)
