@@ -88,6 +88,11 @@ def _load():
         return None
 
 
+def _relative(arg: str) -> str:
+    path = Path(arg)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else arg
+
+
 def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -109,7 +114,7 @@ def results_write(name: str, *, tables: list[dict], figures: dict, notes: list[s
         "benchmark": name,
         "started": _started.get(name, {"date": _now(), "load_average": _load()}),
         "finished": {"date": _now(), "load_average": _load()},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, *(_relative(a) for a in sys.argv)]),
         "machine": machine(),
         "tables": tables,
         "notes": list(notes),
