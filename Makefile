@@ -67,8 +67,8 @@ clean:
 	rm -rf $(VENV) var
 
 # Benchmarks (issue 6; docs/BENCHMARKS.md): each prints a table against its
-# floor and writes bench/results/NAME.json. About 8 minutes on 2 idle cores
-# (more when other work shares them); the first run also builds a ~1 GB
+# floor and writes bench/results/NAME.json. 9.7 minutes on 2 cores shared
+# with other work (docs/BENCHMARKS.md); the first run also builds a ~1 GB
 # model under var/bench/ (~20 s), kept for later runs.
 .PHONY: bench
 bench: setup
