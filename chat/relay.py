@@ -12,9 +12,15 @@ import time
 
 from channels.layers import get_channel_layer
 from django.conf import settings
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 #: Seconds to wait for Redis to take a frame before the task fails loudly.
 SEND_TIMEOUT = 10.0
+#: Tries of one send when the connection fails (see `group_send`), and the
+#: pause before the second (doubled before the third): a private Redis
+#: restarts in ~0.1 s.
+SEND_ATTEMPTS = 3
+SEND_RETRY_PAUSE = 0.1
 
 
 def message_group(message_id: int) -> str:
@@ -38,9 +44,26 @@ def _layer_loop() -> asyncio.AbstractEventLoop:
 
 def group_send(group: str, event: dict) -> None:
     """Send one event and wait until Redis has it, so frames of one sender
-    arrive in the order they were sent."""
+    arrive in the order they were sent.
+
+    A connection error is retried: after Redis restarts, every connection
+    pooled before the restart fails on its first use ("Connection closed by
+    server": redis-py's asyncio pool hands it out unchecked and
+    channels_redis sets no retry), which would fail the reply being
+    streamed (docs/reliability.md). redis-py reconnects the failed connection
+    and the pool hands it out again next (last in, first out). A command
+    that failed on a dead connection never reached the new server, so the
+    retry does not send the frame twice.
+    """
     layer = get_channel_layer()
-    asyncio.run_coroutine_threadsafe(layer.group_send(group, event), _layer_loop()).result(SEND_TIMEOUT)
+    for attempt in range(1, SEND_ATTEMPTS + 1):
+        try:
+            asyncio.run_coroutine_threadsafe(layer.group_send(group, event), _layer_loop()).result(SEND_TIMEOUT)
+            return
+        except RedisConnectionError:
+            if attempt == SEND_ATTEMPTS:
+                raise
+            time.sleep(SEND_RETRY_PAUSE * attempt)
 
 
 class DeltaRelay:

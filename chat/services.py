@@ -13,6 +13,7 @@ from chat.catalog import PREFIXES, CatalogError, ModelChoice, model_resolve
 from chat.metrics import STAGES, message_observe
 from chat.placement import gpu_queue, slot_for_external, slot_for_local
 from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus
+from chat.ratelimit import RateLimited, message_rate_check
 from chat.relay import group_send, message_group
 from chatsite.celery import app
 from chatsite.redis_client import redis_client
@@ -40,6 +41,14 @@ def message_enqueue(
     that the caller listens on the reply's group before any frame is sent.
     `priority`: see `message_dispatch`.
     """
+    if priority is None:
+        # Interactive messages (socket, /v1/chat/completions) count against
+        # the user's rate limit; batch lines, queued with a priority, are
+        # paced by BATCH_MAX_IN_FLIGHT instead.
+        try:
+            message_rate_check(user=user)
+        except RateLimited as exc:
+            raise ChatInputError("rate_limited", str(exc)) from exc
     if not isinstance(content, str) or not content.strip():
         raise ChatInputError("empty_content", "The message is empty.")
     if len(content) > settings.CHAT_MAX_CONTENT_CHARS:

@@ -181,8 +181,13 @@ CELERY_TASK_DEFAULT_QUEUE = "cpu"
 # "Prefetch limits" docs; FIELD-NOTES "Celery GPU worker").
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# Generation limits: the soft limit raises inside the task so that it can end
-# the message with an error; the hard limit kills a stuck one.
+# Generation limits. Celery enforces these in the prefork pool only: the solo
+# pool (GPU worker) and the threads pool (CPU worker) drop them
+# (celery/concurrency/solo.py, thread.py; tests/test_faults.py
+# test_the_worker_pools_do_not_enforce_task_time_limits). They are kept as
+# the budget the redelivery timeout below is sized from; what bounds a
+# generation in fact is max_new_tokens and UPSTREAM_READ_TIMEOUT
+# (docs/reliability.md).
 CHAT_TASK_SOFT_TIME_LIMIT = int(os.environ.get("CHAT_TASK_SOFT_TIME_LIMIT", 600))
 CELERY_TASK_SOFT_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT + 60
@@ -251,6 +256,15 @@ CHAT_MAX_CONTENT_CHARS = int(os.environ.get("CHAT_MAX_CONTENT_CHARS", 32_000))
 CHAT_DELTA_FLUSH_SECONDS = 0.04
 #: A cancel flag outlives any generation (seconds).
 CHAT_CANCEL_TTL = 3600
+#: Per-user rate limit (chat/ratelimit.py): at most this many messages in any
+#: CHAT_RATE_LIMIT_WINDOW seconds, from the socket and /v1/chat/completions
+#: together (batch lines are paced by BATCH_MAX_IN_FLIGHT). A person reading
+#: the replies sends a few a minute; 20 leaves room for Regenerate and quick
+#: corrections while a script flooding the one GPU's queue is stopped within
+#: seconds (LibreChat's example configuration: 40 a minute per IP, and per
+#: user when that limit is on; MESSAGE_IP_MAX / MESSAGE_USER_MAX). 0 = off.
+CHAT_RATE_LIMIT_MESSAGES = int(os.environ.get("CHAT_RATE_LIMIT_MESSAGES", 20))
+CHAT_RATE_LIMIT_WINDOW = float(os.environ.get("CHAT_RATE_LIMIT_WINDOW", 60.0))
 
 LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain")
 LOGGING = {
