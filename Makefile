@@ -73,3 +73,13 @@ clean:
 .PHONY: bench
 bench: setup
 	$(BIN)/python bench/all.py
+
+# Load (issue 7; docs/reliability.md): 100 chat sockets for 60 s against the
+# real stack (private Redis, fake Ollama and OpenAI, the GPU and CPU
+# workers, uvicorn), mixed local, Ollama and OpenAI messages; fails if a
+# message is lost, ended twice or left unfinished. About 2 minutes; prints
+# the latency table and writes var/soak.json. SOAK_SOCKETS, SOAK_SECONDS,
+# SOAK_USERS change the shape.
+.PHONY: soak
+soak: setup
+	env -u DATABASE_URL $(BIN)/python -m pytest tests/soak_chat.py -q -s -p no:cacheprovider
