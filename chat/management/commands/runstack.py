@@ -21,6 +21,17 @@ from chatsite.redis_server import PrivateRedis, RedisServerError, port_is_free
 STOP_TIMEOUT = 10.0
 #: How often the foreground loop checks whether a child has exited.
 POLL_SECONDS = 0.2
+#: A worker that exits is started again, as compose's `restart:
+#: unless-stopped` does: a worker can die of a fault it could have survived
+#: (a Redis restart, chatsite/celery.py), and one dead worker must not take
+#: the web server and the other worker down with it. One that exits this
+#: many times within RESTART_WINDOW seconds is broken (a bad setting, an
+#: import error), not unlucky: then the stack stops, with its status.
+RESTART_LIMIT = 5
+RESTART_WINDOW = 60.0
+#: The children that are started again when they exit; the web server or
+#: Redis exiting stops the stack.
+RESTARTED = ("gpu-worker", "cpu-worker")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -75,7 +86,7 @@ class Command(BaseCommand):
         # pipe buffer fills.
         env.setdefault("PYTHONUNBUFFERED", "1")
         redis_server = None
-        children: list[tuple[str, subprocess.Popen]] = []
+        children: dict[str, subprocess.Popen] = {}
         failed = None
         try:
             if not env.get("REDIS_URL"):
@@ -88,17 +99,30 @@ class Command(BaseCommand):
             if demo_status != 0:
                 raise CommandError(f"manage.py demo_model failed with status {demo_status}")
             login = self._login_ensure(base_url=f"http://{host}:{port}")
-            for name, argv in stack_commands(host=host, port=port):
-                children.append((name, subprocess.Popen(
-                    argv, env=env, cwd=settings.BASE_DIR,
+            commands = dict(stack_commands(host=host, port=port))
+
+            def spawn(name: str) -> subprocess.Popen:
+                return subprocess.Popen(
+                    commands[name], env=env, cwd=settings.BASE_DIR,
                     # Own process groups: Ctrl-C reaches only this command,
                     # which stops the children in order, Redis last.
                     process_group=0,
-                )))
-            watched = children + ([("redis", redis_server.process)] if redis_server else [])
+                )
+
+            children = {name: spawn(name) for name in commands}
+            restarts: dict[str, list[float]] = {}
             announced = False
-            while (failed := _exited(watched)) is None:
+            while True:
                 stop_check()
+                exited = _exited({**children, **({"redis": redis_server.process} if redis_server else {})})
+                if exited is not None:
+                    name, status = exited
+                    failed = f"{name} (status {status})"
+                    if not _restart_allowed(name, restarts):
+                        break
+                    self.stderr.write(f"{failed} exited; starting it again")
+                    children[name] = spawn(name)
+                    failed = None
                 # Announced once the web server answers, so that the URL is
                 # the last thing on the screen rather than above its start-up log.
                 if not announced and _port_accepts(host, port):
@@ -111,7 +135,7 @@ class Command(BaseCommand):
         except _Stop:
             self.stdout.write("Stopping…")
         finally:
-            _children_stop([child for _, child in children], signals=signals)
+            _children_stop(list(children.values()), signals=signals)
             # Last: the workers still talk to Redis while they shut down.
             if redis_server is not None:
                 redis_server.stop()
@@ -165,11 +189,23 @@ class Command(BaseCommand):
         )
 
 
-def _exited(children: list[tuple[str, subprocess.Popen]]) -> str | None:
-    for name, child in children:
+def _exited(children: dict[str, subprocess.Popen]) -> tuple[str, int] | None:
+    """The name and exit status of the first child that has exited."""
+    for name, child in children.items():
         if child.poll() is not None:
-            return f"{name} (status {child.returncode})"
+            return name, child.returncode
     return None
+
+
+def _restart_allowed(name: str, restarts: dict[str, list[float]]) -> bool:
+    """Whether the child `name`, which exited, is started again: a worker,
+    unless it was already RESTART_LIMIT times within RESTART_WINDOW."""
+    if name not in RESTARTED:
+        return False
+    now = time.monotonic()
+    recent = [t for t in restarts.get(name, []) if now - t < RESTART_WINDOW]
+    restarts[name] = [*recent, now]
+    return len(recent) < RESTART_LIMIT
 
 
 def _port_accepts(host: str, port: int) -> bool:
