@@ -186,11 +186,23 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # (celery/concurrency/solo.py, thread.py; tests/test_faults.py
 # test_the_worker_pools_do_not_enforce_task_time_limits). They are kept as
 # the budget the redelivery timeout below is sized from; what bounds a
-# generation in fact is max_new_tokens and UPSTREAM_READ_TIMEOUT
-# (docs/reliability.md).
+# generation in fact is max_new_tokens, UPSTREAM_READ_TIMEOUT and
+# GENERATION_DEADLINE_SECONDS (docs/reliability.md).
 CHAT_TASK_SOFT_TIME_LIMIT = int(os.environ.get("CHAT_TASK_SOFT_TIME_LIMIT", 600))
 CELERY_TASK_SOFT_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT + 60
+#: Since no pool enforces the limits above, generation enforces its own:
+#: seconds from when a run claims a reply (chat/generation.py reply_claim;
+#: for a local model, before its GPU switch) after which the local model
+#: stops at its next token and an Ollama or OpenAI stream is closed at its
+#: next chunk. The reply keeps what was written and ends as a cut-off
+#: reply, `chat.done` with finish_reason "length" (what a token limit
+#: gives, and what an OpenAI client expects of a reply cut short), not as
+#: an error. Four fifths of the soft limit: what is left (120 s by default)
+#: covers a stalled upstream's last read (UPSTREAM_READ_TIMEOUT), so a run
+#: ends before the soft limit and far before the redelivery timeout below
+#: (tests/test_redelivery.py).
+GENERATION_DEADLINE_SECONDS = float(os.environ.get("GENERATION_DEADLINE_SECONDS", CHAT_TASK_SOFT_TIME_LIMIT * 0.8))
 # Redis redelivers an unacknowledged message after the visibility timeout
 # (default 1 h); it must exceed the hard time limit or a long generation
 # would run twice (celery #5935).
