@@ -53,13 +53,22 @@ class _TextRelay(TextStreamer):
 
 
 class _StopWhen(StoppingCriteria):
-    def __init__(self, should_stop: Callable[[], bool]):
+    """Stops generation after the current token when `should_stop()` says
+    so (finish "cancelled") or once `deadline` (time.monotonic()) passed
+    (finish "length": the reply is cut short, as by a token limit)."""
+
+    def __init__(self, should_stop: Callable[[], bool], deadline: float | None):
         self.should_stop = should_stop
-        self.stopped = False
+        self.deadline = deadline
+        self.reason = ""
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        self.stopped = self.stopped or self.should_stop()
-        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+        if not self.reason:
+            if self.should_stop():
+                self.reason = "cancelled"
+            elif self.deadline is not None and time.monotonic() >= self.deadline:
+                self.reason = "length"
+        return torch.full((input_ids.shape[0],), bool(self.reason), dtype=torch.bool, device=input_ids.device)
 
 
 class LocalEngine:
@@ -151,8 +160,11 @@ class LocalEngine:
     @torch.inference_mode()
     def generate(
         self, messages: list[dict], *, max_new_tokens: int, temperature: float, top_p: float,
-        on_text: Callable[[str], None], should_stop: Callable[[], bool],
+        on_text: Callable[[str], None], should_stop: Callable[[], bool], deadline: float | None = None,
     ) -> GenerationResult:
+        """Generate a reply to `messages`, handing text to `on_text` as it
+        decodes. Stops early when `should_stop()` turns true, or at the first
+        token after `deadline` (a time.monotonic() value), if given."""
         if not self.loaded:
             raise RuntimeError(f"{self.name} is not loaded")
         self.touch()
@@ -161,7 +173,7 @@ class LocalEngine:
         ).to(self.model.device)
         prompt_tokens = inputs["input_ids"].shape[1]
         relay = _TextRelay(self.tokenizer, on_text)
-        stop = _StopWhen(should_stop)
+        stop = _StopWhen(should_stop, deadline)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False}
         output = self.model.generate(
@@ -170,8 +182,8 @@ class LocalEngine:
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling,
         )
         completion_tokens = output.shape[1] - prompt_tokens
-        if stop.stopped:
-            finish = "cancelled"
+        if stop.reason:
+            finish = stop.reason
         elif completion_tokens >= max_new_tokens:
             finish = "length"
         else:
