@@ -22,7 +22,9 @@ owner and the resident set already match the request.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,19 @@ class LocalSpec:
     warm_offload: bool = False
 
 
+def _transition(method):
+    """Run a method that loads, unloads or writes the state under the
+    manager's lock, so that `state_sync` (from the housekeeping thread)
+    never sees engines loaded but not yet written, and never bumps the epoch
+    between a transition's read and its fenced write (which would fail that
+    transition with StaleState)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class GpuManager:
     def __init__(self, *, slot: str, device: str, store: GpuStateStore, leases: Leases,
                  budget_bytes: int = 0):
@@ -72,6 +87,9 @@ class GpuManager:
         #: Bytes the local engines may hold together (0 = no limit).
         self.budget_bytes = budget_bytes
         self.engines: dict[str, LocalEngine] = {}
+        #: Held by every transition (the solo pool's thread) and by
+        #: state_sync (the housekeeping thread); see _transition.
+        self._lock = threading.RLock()
         #: Called with the holders of leases that expired: their generation
         #: died. The chat layer sets it to fail their replies; gpu_manager
         #: itself knows nothing of messages.
@@ -110,19 +128,51 @@ class GpuManager:
 
     # --- transitions --------------------------------------------------------
 
+    @_transition
     def repair(self) -> GpuState:
         """At worker start: the state may say local models are resident from a
         process that died; this process holds none, so make the state say so."""
-        state = self.store.read()
-        if state.local_models and not self.resident():
-            owner = "none" if state.owner == "local" else state.owner
-            log.warning("GPU slot %s: state listed %s from a previous worker; repaired", self.slot,
-                        state.local_models)
-            state = self.store.write(state, owner=owner, local_models=[])
-            self._event("owner_change", model=owner, seconds=0.0, freed_bytes=0, note="repaired at start")
+        state = self.state_sync(note="repaired at start")
         self.store.memory_write(memory_snapshot(self.device))
         return state
 
+    def state_sync(self, *, note: str) -> GpuState | None:
+        """Rewrite the state where it contradicts what this worker holds (I3),
+        and return it; None when a transition is under way (it writes the
+        state itself when it ends).
+
+        At start the state may list the engines of a worker that died. While
+        the worker runs, Redis may lose the state: a Redis that crashed, or
+        came back without its data, reads owner "none" while local models
+        are resident, and /api/gpu/ and the picker would say so until the
+        next local message; the housekeeping thread calls this every tick.
+        With no engine resident the worker cannot know whether Ollama or an
+        OpenAI endpoint owns the GPU, so it only drops the local models the
+        state lists (a local message still unloads Ollama before it loads,
+        since the owner is then not "local").
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            state = self.store.read()
+            resident = self.resident()
+            if resident:
+                if (state.owner, state.local_models, state.ollama_models) == ("local", resident, []):
+                    return state
+                owner, ollama_models = "local", []
+            elif state.local_models:
+                owner, ollama_models = ("none" if state.owner == "local" else state.owner), state.ollama_models
+            else:
+                return state
+            log.warning("GPU slot %s: state said owner %s, local models %s; this worker holds %s; rewritten (%s)",
+                        self.slot, state.owner, state.local_models, resident, note)
+            new = self.store.write(state, owner=owner, local_models=resident, ollama_models=ollama_models)
+            self._event("owner_change", model=owner, seconds=0.0, freed_bytes=0, previous=state.owner, note=note)
+            return new
+        finally:
+            self._lock.release()
+
+    @_transition
     def forget(self) -> None:
         """At a clean worker shutdown: the engines die with the process, so
         the state must stop listing them (a crash is repaired at restart)."""
@@ -132,6 +182,7 @@ class GpuManager:
             self.store.write(state, owner=owner, local_models=[])
             self._event("owner_change", model=owner, seconds=0.0, freed_bytes=0, note="worker stopped")
 
+    @_transition
     def prepare_local(self, *, spec: LocalSpec, preload: list[LocalSpec] = (), ollama_urls: list[str] = (),
                       on_event: EventSink = _ignore) -> GpuState:
         """Make `spec` resident and the local models the GPU's owner."""
@@ -161,6 +212,7 @@ class GpuManager:
             self._owner_changed(previous, "local", on_event)
         return state
 
+    @_transition
     def acquire_external(self, *, owner: str, holder: int | str | None = None, ollama_model: str | None = None,
                          on_event: EventSink = _ignore) -> GpuState:
         """Free the GPU of local models for `owner` ("ollama" or "openai").
@@ -183,6 +235,7 @@ class GpuManager:
             self.leases.grant(holder, ttl=settings.GPU_LEASE_PENDING_TTL)
         return state
 
+    @_transition
     def unload_local(self, *, names: list[str] | None = None, reason: str, on_event: EventSink = _ignore) -> list[str]:
         """Unload resident engines (all, or `names`), e.g. idle ones or on an
         admin's request; the owner becomes "none" when none is left."""

@@ -202,10 +202,14 @@ async def test_openai_slower_than_the_read_timeout_fails_in_bounded_time(short_r
 
 
 # --- Redis -------------------------------------------------------------------
-# The private Redis runs without persistence (as in docker-compose.yml), so a
-# restart loses the queues, the channel layer's groups, the GPU state and the
-# leases. A socket whose channel layer loses Redis fails (uvicorn closes it
-# with 1011) and the page reconnects; these tests do what the page does.
+# The private Redis keeps an append-only file (chatsite/redis_server.py), and
+# redis_restart stops it with SIGTERM, so a restart keeps the queues, the
+# channel layer's groups, the GPU state and the leases; what it drops is every
+# connection. A Redis that crashes loses up to the last second (and one that
+# comes back empty, everything): the GPU worker then rewrites the state from
+# what it holds. A socket whose channel layer loses Redis fails (uvicorn
+# closes it with 1011) and the page reconnects; these tests do what the page
+# does.
 
 def message_over_http(user, message_id: int) -> dict:
     """GET /api/messages/<id>/, as the page reads a reply after reconnecting."""

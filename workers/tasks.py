@@ -65,13 +65,16 @@ _idle_queued = False
 
 def _housekeeping(stop: threading.Event) -> None:
     """In the GPU worker, beside the solo pool: fail the replies of dead
-    lease holders, and queue an idle unload when a model outlived its
-    keep-alive. It never touches an engine itself: unloading goes through
-    the queue, so it cannot race a running task."""
+    lease holders, queue an idle unload when a model outlived its
+    keep-alive, and rewrite the GPU state when Redis lost it (a Redis that
+    crashed or came back empty). It never touches an engine itself:
+    unloading goes through the queue, so it cannot race a running task, and
+    the state is rewritten only between transitions (GpuManager.state_sync)."""
     global _idle_queued
     manager = gpu_manager()
     while not stop.wait(settings.GPU_HOUSEKEEPING_SECONDS):
         try:
+            manager.state_sync(note="restored after Redis lost it")
             manager.reap_leases()
             if not _idle_queued and manager.idle_engines():
                 _idle_queued = True
