@@ -4,9 +4,18 @@ and external generation (Ollama, OpenAI-compatible) on the CPU workers.
 Every entry point takes a message id, finds the reply, and ends it exactly
 once with `chat.done` or `chat.error` (see `message_finish` / `message_fail`).
 A reply that has already ended (a re-delivered task) is left alone.
+
+Only one run works on a reply at a time: a run first takes the reply's
+claim (`reply_claim`), keeps it while it works and releases it when the
+reply has ended. A task delivered again while the claim is live (the
+broker's visibility timeout passed, or something re-dispatched the reply)
+does nothing. A claim whose holder died (SIGKILL) expires after
+GPU_LEASE_TTL; a later delivery takes the reply over. Each run also stops
+generating GENERATION_DEADLINE_SECONDS after it took the claim.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +29,7 @@ from chat.models import Message, MessageStatus, ModelConfig, ModelKind
 from chat.openai_endpoint import openai_chat_stream
 from chat.relay import DeltaRelay, group_send, message_group
 from chat.services import cancel_requested, message_fail, message_finish
-from gpu_manager.leases import LeaseKeeper, LeaseLost, Leases
+from gpu_manager.leases import Claims, Keeper, LeaseKeeper, LeaseLost, Leases
 from gpu_manager.manager import GpuManager, LocalSpec
 from gpu_manager.ollama import OllamaModelMissing, ollama_chat_stream, ollama_tags
 
@@ -34,6 +43,72 @@ CANCEL_POLL_SECONDS = 0.05
 SAVE_EVERY_SECONDS = 1.0
 
 
+# --- the reply's claim ---------------------------------------------------------
+
+@functools.cache
+def _claims() -> Claims:
+    return Claims(prefix="chat:reply-claim")
+
+
+def _claim_ttl() -> float:
+    # A claim is a lease on a reply: renewed like the GPU lease, and with the
+    # same TTL, so a dead holder is noticed as fast as a dead lease holder.
+    return settings.GPU_LEASE_TTL
+
+
+def reply_claim(message_id: int) -> str | None:
+    """Take the exclusive claim on a reply: a token, or None while another
+    run holds it. The claim expires after GPU_LEASE_TTL unless renewed with
+    `reply_claim_renew`; end it with `reply_release`. Any code that is about
+    to generate, end or re-dispatch a reply takes it first."""
+    return _claims().take(message_id, ttl=_claim_ttl())
+
+
+def reply_claim_renew(message_id: int, token: str) -> bool:
+    """Extend the claim for another GPU_LEASE_TTL; False when it is no longer
+    this token's (it expired and another run took it over)."""
+    try:
+        _claims().renew(message_id, token, ttl=_claim_ttl())
+    except LeaseLost:
+        return False
+    return True
+
+
+def reply_release(message_id: int, token: str) -> bool:
+    """End the claim, if `token` still holds it (never another run's)."""
+    return _claims().release(message_id, token)
+
+
+def reply_claim_holder(message_id: int) -> str | None:
+    """The token of the live claim on a reply (it names the holder's host
+    and process), or None when no run works on it."""
+    return _claims().holder(message_id)
+
+
+class _ReplyHold(Keeper):
+    """A run's claim on its reply, renewed from a thread until `stop()`, and
+    the run's deadline (time.monotonic())."""
+
+    def __init__(self, message_id: int, token: str):
+        super().__init__(name=f"reply-claim-{message_id}", ttl=_claim_ttl(),
+                         renew=lambda: _claims().renew(message_id, token, ttl=_claim_ttl()),
+                         release=lambda: reply_release(message_id, token))
+        self.message_id = message_id
+        self.deadline = time.monotonic() + settings.GENERATION_DEADLINE_SECONDS
+
+
+def _reply_hold(message_id: int) -> _ReplyHold | None:
+    """Claim the reply and keep the claim alive until the hold is stopped;
+    None when another run holds it, and then this delivery must not touch
+    the reply at all."""
+    token = reply_claim(message_id)
+    if token is None:
+        log.info("message %s: another run is working on this reply (%s); this delivery does nothing",
+                 message_id, reply_claim_holder(message_id))
+        return None
+    return _ReplyHold(message_id, token).start()
+
+
 @dataclass
 class Outcome:
     text: str
@@ -44,10 +119,11 @@ class Outcome:
 
 class _Run:
     """The bookkeeping of one streaming reply: deltas, first-token time,
-    periodic saves and a rate-limited cancel check."""
+    periodic saves, a rate-limited cancel check, and its claim."""
 
-    def __init__(self, reply: Message):
+    def __init__(self, reply: Message, hold: _ReplyHold):
         self.reply = reply
+        self.hold = hold
         self.relay = DeltaRelay(reply.pk, on_flush=self._flushed)
         self._saved_at = time.monotonic()
         self._cancel_checked = 0.0
@@ -61,11 +137,25 @@ class _Run:
             self._saved_at = time.monotonic()
 
     def should_stop(self) -> bool:
+        """Cancelled, or the claim was taken over: stop generating now."""
+        if self.hold.lost:
+            return True
         now = time.monotonic()
         if not self._cancelled and now - self._cancel_checked >= CANCEL_POLL_SECONDS:
             self._cancel_checked = now
             self._cancelled = cancel_requested(self.reply.pk)
         return self._cancelled
+
+    def past_deadline(self) -> bool:
+        return time.monotonic() >= self.hold.deadline
+
+    def superseded(self) -> bool:
+        """Another run took the reply over (this one stalled past the claim's
+        TTL): the reply is its to end, not this run's."""
+        if self.hold.lost:
+            log.warning("message %s: another run took this reply over; this one stops without ending it",
+                        self.reply.pk)
+        return self.hold.lost
 
     def fail(self, exc: Exception) -> None:
         """End the reply with the error, keeping the text already sent."""
@@ -73,6 +163,8 @@ class _Run:
         message_fail(message_id=self.reply.pk, code=error_code(exc), detail=str(exc), content=self.relay.text)
 
     def finish(self, outcome: Outcome) -> None:
+        if self.superseded():
+            return
         self.relay.flush()
         message_finish(message_id=self.reply.pk, content=self.relay.text, finish_reason=outcome.finish_reason,
                        prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens)
@@ -85,7 +177,9 @@ def error_code(exc: BaseException) -> str:
 
 def reply_start(message_id: int) -> tuple[Message, ModelChoice] | None:
     """The reply and its model, marked running; None when there is nothing
-    to do (already ended, or cancelled while it waited)."""
+    to do (already ended, or cancelled while it waited). The caller holds
+    the reply's claim: read after taking it, the reply cannot end between
+    this check and the generation (but for a cancel)."""
     reply = Message.objects.select_related("conversation").filter(pk=message_id).first()
     if reply is None or reply.is_finished:
         return None
@@ -134,29 +228,54 @@ def ollama_urls() -> list[str]:
 
 # --- GPU worker -------------------------------------------------------------
 
+#: The claims this GPU worker's task preludes took, for their task bodies
+#: (`local_reply_generate`): both run in the solo pool's one thread, one
+#: task at a time.
+_held: dict[int, _ReplyHold] = {}
+
+
 def gpu_prepare_for_reply(*, message_id: int, manager: GpuManager) -> None:
-    """The GPU task prelude: make the requested local model resident."""
-    started = reply_start(message_id)
-    if started is None:
+    """The GPU task prelude: claim the reply and make the requested local
+    model resident. The claim passes to the task body, which releases it."""
+    for stale in _held.values():  # a body that never ran (none should)
+        stale.stop()
+    _held.clear()
+    hold = _reply_hold(message_id)
+    if hold is None:
         return
-    reply, choice = started
-    manager.prepare_local(spec=local_spec(choice.name), preload=local_specs_preload(),
-                          ollama_urls=ollama_urls(), on_event=switch_notifier(message_id))
+    try:
+        started = reply_start(message_id)
+        if started is None:
+            hold.stop()
+            return
+        reply, choice = started
+        manager.prepare_local(spec=local_spec(choice.name), preload=local_specs_preload(),
+                              ollama_urls=ollama_urls(), on_event=switch_notifier(message_id))
+    except BaseException:
+        hold.stop()
+        raise
+    _held[message_id] = hold
 
 
 def gpu_acquire_for_reply(*, message_id: int, manager: GpuManager) -> None:
     """Free the GPU for an external model, in queue order. For Ollama, check
     first that it answers and has the model: evicting the local model for a
-    request that cannot run would cost a reload for nothing."""
-    started = reply_start(message_id)
-    if started is None:
+    request that cannot run would cost a reload for nothing. A delivery
+    that finds the reply claimed (its generation streams) does nothing: it
+    must not grant a second lease or switch the GPU under it."""
+    hold = _reply_hold(message_id)
+    if hold is None:
         return
-    reply, choice = started
-    if choice.kind == "ollama" and choice.upstream not in ollama_tags(choice.base_url):
-        raise OllamaModelMissing(f"Ollama at {choice.base_url} does not have {choice.upstream}")
-    manager.acquire_external(owner=choice.kind, holder=message_id,
-                             ollama_model=choice.upstream if choice.kind == "ollama" else None,
-                             on_event=switch_notifier(message_id))
+    with hold:
+        started = reply_start(message_id)
+        if started is None:
+            return
+        reply, choice = started
+        if choice.kind == "ollama" and choice.upstream not in ollama_tags(choice.base_url):
+            raise OllamaModelMissing(f"Ollama at {choice.base_url} does not have {choice.upstream}")
+        manager.acquire_external(owner=choice.kind, holder=message_id,
+                                 ollama_model=choice.upstream if choice.kind == "ollama" else None,
+                                 on_event=switch_notifier(message_id))
 
 
 def gpu_worker_recover(*, manager: GpuManager) -> None:
@@ -179,63 +298,84 @@ def replies_fail_lost(holders: list[str]) -> None:
 
 
 def local_reply_generate(*, message_id: int, manager: GpuManager) -> None:
-    reply = Message.objects.select_related("conversation").filter(pk=message_id).first()
-    if reply is None or reply.is_finished:
+    hold = _held.pop(message_id, None)
+    if hold is None:  # the prelude found nothing to do, or another run holds the reply
         return
-    choice = model_resolve(reply.model_name)
-    run = _Run(reply)
-    gen = choice.generation
-    try:
-        result = manager.engine(choice.name).generate(
-            history(reply), max_new_tokens=gen["max_new_tokens"], temperature=gen["temperature"],
-            top_p=gen["top_p"], on_text=run.relay.push, should_stop=run.should_stop,
-        )
-    except Exception as exc:
-        run.fail(exc)
-        raise
-    run.finish(Outcome(result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens))
+    with hold:
+        reply = Message.objects.select_related("conversation").filter(pk=message_id).first()
+        if reply is None or reply.is_finished:
+            return
+        choice = model_resolve(reply.model_name)
+        run = _Run(reply, hold)
+        gen = choice.generation
+        try:
+            result = manager.engine(choice.name).generate(
+                history(reply), max_new_tokens=gen["max_new_tokens"], temperature=gen["temperature"],
+                top_p=gen["top_p"], on_text=run.relay.push, should_stop=run.should_stop, deadline=hold.deadline,
+            )
+        except Exception as exc:
+            if run.superseded():  # the reply, and its end, are the other run's
+                return
+            run.fail(exc)
+            raise
+        run.finish(Outcome(result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens))
 
 
 # --- CPU workers ------------------------------------------------------------
 
 def external_reply_generate(*, message_id: int) -> None:
+    hold = _reply_hold(message_id)
+    if hold is None:  # another run streams this reply, under its own GPU lease
+        return
     leases = Leases(slot=settings.OLLAMA_GPU_SLOT)
-    try:
-        started = reply_start(message_id)
-        if started is None:
-            return
-        reply, choice = started
-        if choice.kind == "ollama":
-            # The lease granted by the acquire step keeps local models off
-            # the GPU while Ollama generates; without it, it must not run.
-            try:
-                with LeaseKeeper(leases, message_id, ttl=settings.GPU_LEASE_TTL) as keeper:
-                    _stream(reply, _ollama_chunks(choice, reply), lease=keeper)
-            except LeaseLost as exc:
-                message_fail(message_id=message_id, code=exc.code, detail=str(exc))
-        else:
-            _stream(reply, _openai_chunks(choice, reply))
-    finally:
-        # Whatever happened (cancelled while queued, an error before the
-        # stream), the GPU is not held a moment longer than the generation.
-        leases.release(message_id)
+    with hold:
+        try:
+            started = reply_start(message_id)
+            if started is None:
+                return
+            reply, choice = started
+            run = _Run(reply, hold)
+            if choice.kind == "ollama":
+                # The lease granted by the acquire step keeps local models off
+                # the GPU while Ollama generates; without it, it must not run.
+                try:
+                    with LeaseKeeper(leases, message_id, ttl=settings.GPU_LEASE_TTL) as keeper:
+                        _stream(run, _ollama_chunks(choice, reply), lease=keeper)
+                except LeaseLost as exc:
+                    if not run.superseded():
+                        message_fail(message_id=message_id, code=exc.code, detail=str(exc))
+            else:
+                _stream(run, _openai_chunks(choice, reply))
+        finally:
+            # Whatever happened (cancelled while queued, an error before the
+            # stream), the GPU is not held a moment longer than the generation.
+            leases.release(message_id)
 
 
-def _stream(reply: Message, chunks: Iterator[tuple[str, str, int, int]], *, lease: LeaseKeeper | None = None) -> None:
-    run = _Run(reply)
+def _stream(run: _Run, chunks: Iterator[tuple[str, str, int, int]], *, lease: LeaseKeeper | None = None) -> None:
     outcome = Outcome(text="", finish_reason="stop")
+    upstream_ended = False
     try:
         for text, finish, prompt_tokens, completion_tokens in chunks:
             if lease is not None and lease.lost:
-                raise LeaseLost(f"the GPU lease of message {reply.pk} expired while it streamed")
+                raise LeaseLost(f"the GPU lease of message {run.reply.pk} expired while it streamed")
             run.relay.push(text)
             outcome.finish_reason = finish or outcome.finish_reason
             outcome.prompt_tokens = prompt_tokens or outcome.prompt_tokens
             outcome.completion_tokens = completion_tokens or outcome.completion_tokens
+            upstream_ended = upstream_ended or bool(finish)
             if run.should_stop():
                 outcome.finish_reason = "cancelled"
                 break
+            # Checked between chunks: a stalled upstream is bounded by
+            # UPSTREAM_READ_TIMEOUT instead (GENERATION_DEADLINE_SECONDS).
+            # Not after the upstream's own end: only its usage chunk is left.
+            if not upstream_ended and run.past_deadline():
+                outcome.finish_reason = "length"
+                break
     except Exception as exc:
+        if run.superseded():  # the reply, and its end, are the other run's
+            return
         run.fail(exc)
         raise
     finally:
