@@ -5,6 +5,9 @@ from pathlib import Path
 
 import dj_database_url
 from dotenv import load_dotenv
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CHAT_VAR_DIR", BASE_DIR / "var"))
@@ -143,12 +146,27 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
-            # redis-py 8 gives every connection a 5 s socket timeout, and
-            # channels_redis blocks in BZPOPMIN for exactly 5 s: an idle
-            # socket's receive loop then dies with "Timeout reading". A read
-            # timeout well above the blocking pop keeps idle sockets alive
-            # while a dead Redis is still noticed.
-            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+            # channels_redis passes each host dict, less "address", to
+            # redis.asyncio.ConnectionPool.from_url, hence to every connection.
+            "hosts": [{
+                "address": REDIS_URL,
+                # redis-py 8 gives every connection a 5 s socket timeout, and
+                # channels_redis blocks in BZPOPMIN for exactly 5 s: an idle
+                # socket's receive loop then dies with "Timeout reading". A
+                # read timeout well above the blocking pop keeps idle sockets
+                # alive while a dead Redis is still noticed.
+                "socket_timeout": 30,
+                # After a Redis restart the pool still holds connections the
+                # old server closed, and hands them out unchecked: the first
+                # command on each fails with "Connection closed by server"
+                # (tests/test_faults.py
+                # test_redis_restart_first_message_after_it_is_accepted).
+                # Retried once, at once, on a fresh connection: a Redis that
+                # is back answers it; one that is still down fails it as
+                # before. Connection errors only: a timeout is not retried,
+                # so a hung Redis is noticed in one socket_timeout, not two.
+                "retry": AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            }],
             # group_send drops silently when a channel holds `capacity`
             # messages (channels_redis spec; #131). Deltas are coalesced to
             # ~25/s, so 1000 is 40 s of backlog for a stalled socket.
