@@ -70,6 +70,8 @@ def file_create(*, user, filename: str, data: bytes, purpose: str) -> BatchFile:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RequestError("invalid_request", f"The file is not UTF-8 text: {exc}", param="file") from exc
+    if "\x00" in text:
+        raise RequestError("invalid_request", "The file contains a NUL byte: JSONL is text.", param="file")
     return BatchFile.objects.create(user=user, purpose=purpose, filename=filename or "upload.jsonl",
                                     bytes=len(data), content=text)
 

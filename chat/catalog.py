@@ -134,6 +134,8 @@ def catalog_list() -> tuple[list[ModelChoice], list[dict]]:
 
 def model_resolve(name: str) -> ModelChoice:
     """The model a user named, or UnknownModel / ModelDisabled / EndpointDown."""
+    if "\x00" in name:  # no model has one, and PostgreSQL refuses it even in a query
+        raise UnknownModel(f"No model is named {name!r}.")
     for kind, prefix in PREFIXES.items():
         if name.startswith(prefix):
             return _resolve_remote(kind, name.removeprefix(prefix))

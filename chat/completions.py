@@ -26,9 +26,12 @@ _ERRORS = {
     "not_found": (404, "invalid_request_error"),
     "empty_content": (400, "invalid_request_error"),
     "content_too_long": (400, "invalid_request_error"),
+    "bad_content": (400, "invalid_request_error"),
+    "unknown_conversation": (404, "invalid_request_error"),
     "unknown_model": (404, "invalid_request_error"),
     "model_not_found": (404, "invalid_request_error"),
     "model_disabled": (404, "invalid_request_error"),
+    "rate_limited": (429, "rate_limit_exceeded"),
     "upstream_rate_limited": (429, "rate_limit_exceeded"),
     "upstream_error": (502, "server_error"),
     "upstream_auth": (502, "server_error"),
@@ -102,12 +105,15 @@ def chat_request_parse(body) -> ChatRequest:
 
 def _text(content, index: int) -> str:
     """A message's content: a string, or a list of text parts."""
-    if isinstance(content, str):
-        return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise RequestError("invalid_request", f"messages[{index}].content must be text.",
-                       param=f"messages[{index}].content")
+        content = "".join(str(p.get("text", "")) for p in content)
+    if not isinstance(content, str):
+        raise RequestError("invalid_request", f"messages[{index}].content must be text.",
+                           param=f"messages[{index}].content")
+    if "\x00" in content:  # as chat.services.message_enqueue: no database stores it alike
+        raise RequestError("bad_content", f"messages[{index}].content contains a NUL character (\\u0000).",
+                           param=f"messages[{index}].content")
+    return content
 
 
 def completion_enqueue(*, user, request: ChatRequest, title: str = "", priority: int | None = None,

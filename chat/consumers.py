@@ -24,6 +24,8 @@ class FrameError(Exception):
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
+    HANDLERS = {"chat.send": "chat_send", "chat.cancel": "chat_cancel"}
+
     async def connect(self) -> None:
         self.user = self.scope.get("user")
         # Accept, then close with our code: a socket refused during the
@@ -39,9 +41,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive(self, text_data=None, bytes_data=None) -> None:
         try:
             frame = self._decode(text_data)
-            handler = {"chat.send": self.chat_send, "chat.cancel": self.chat_cancel}.get(frame.get("type"))
+            type_ = frame.get("type")
+            handler = self.HANDLERS.get(type_) if isinstance(type_, str) else None
             if handler is None:
-                raise FrameError("unknown_type", f"Unknown frame type {frame.get('type')!r}.")
+                raise FrameError("unknown_type", f"Unknown frame type {_shown(type_)}.")
+            handler = getattr(self, handler)
             await handler(frame)
         except (FrameError, services.ChatInputError) as exc:
             await self.send_json({"type": "chat.error", "message": None, "code": exc.code, "detail": exc.detail})
@@ -54,6 +58,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             frame = json.loads(text)
         except ValueError as exc:
             raise FrameError("bad_frame", f"Not JSON: {exc}") from exc
+        except RecursionError:
+            # json.loads recurses once per level: a 2 KB frame of "[[[[…" is enough.
+            raise FrameError("bad_frame", "The JSON is nested too deeply.") from None
         if not isinstance(frame, dict):
             raise FrameError("bad_frame", "A frame is one JSON object.")
         return frame
@@ -67,7 +74,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise FrameError("bad_frame", "`content` must be text.")
         if conversation is not None and (isinstance(conversation, bool) or not isinstance(conversation, int)):
             raise FrameError("bad_frame", "`conversation` must be an id or null.")
-        if not isinstance(client_id, str) or len(client_id) > CLIENT_ID_MAX:
+        if not isinstance(client_id, str) or len(client_id) > CLIENT_ID_MAX or "\x00" in client_id:
             raise FrameError("bad_frame", f"`client_id` must be text of at most {CLIENT_ID_MAX} characters.")
 
         def subscribe(message_id: int) -> None:
@@ -104,3 +111,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(event)
         if event.get("message") is not None:
             await self.channel_layer.group_discard(message_group(event["message"]), self.channel_name)
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A value from a frame, quoted for an error's detail and cut short."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[:limit] + "…"

@@ -25,6 +25,8 @@ def conversation_rename(*, conversation: Conversation, title: str) -> Conversati
     title = " ".join(str(title).split())  # one line: it is shown in a one-line list
     if not title:
         raise ConversationError("empty_title", "The title is empty.")
+    if "\x00" in title:
+        raise ConversationError("bad_title", "The title contains a NUL character (\\u0000).")
     conversation.title = title[:TITLE_MAX]
     # `updated_at` is left alone: the list is ordered by use, and renaming is not use.
     Conversation.objects.filter(pk=conversation.pk).update(title=conversation.title)

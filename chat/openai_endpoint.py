@@ -45,22 +45,31 @@ def openai_client(base_url: str, api_key: str) -> openai.OpenAI:
 
 
 @contextlib.contextmanager
-def _translated(base_url: str) -> Iterator[None]:
+def _translated(base_url: str, api_key: str) -> Iterator[None]:
+    """The client's errors as ours. Raised `from None`: Celery logs a failed
+    task's whole exception chain, and an upstream's error body may quote the
+    key it was sent, so neither the original exception nor its text (unless
+    scrubbed of the key) goes further."""
     try:
         yield
-    except openai.AuthenticationError as exc:
-        raise OpenAIAuthFailed(f"{base_url} refused the API key (401)") from exc
-    except openai.RateLimitError as exc:
-        raise OpenAIRateLimited(f"{base_url} is rate limiting requests (429)") from exc
+    except openai.AuthenticationError:
+        raise OpenAIAuthFailed(f"{base_url} refused the API key (401)") from None
+    except openai.RateLimitError:
+        raise OpenAIRateLimited(f"{base_url} is rate limiting requests (429)") from None
     except (openai.APIConnectionError, httpx.TransportError) as exc:
-        raise OpenAIUnavailable(f"{base_url} does not answer: {exc}") from exc
+        raise OpenAIUnavailable(f"{base_url} does not answer: {_scrubbed(str(exc), api_key)}") from None
     except openai.APIStatusError as exc:
-        raise OpenAIEndpointError(f"{base_url} answered {exc.status_code}: {exc.message}") from exc
+        raise OpenAIEndpointError(
+            f"{base_url} answered {exc.status_code}: {_scrubbed(exc.message, api_key)}") from None
+
+
+def _scrubbed(text: str, api_key: str) -> str:
+    return text.replace(api_key, "[key]") if api_key else text
 
 
 def openai_models(base_url: str, api_key: str) -> list[str]:
     """Ids of the models the endpoint offers (`GET /v1/models`)."""
-    with _translated(base_url):
+    with _translated(base_url, api_key):
         return [m.id for m in openai_client(base_url, api_key).models.list()]
 
 
@@ -70,7 +79,7 @@ def openai_chat_stream(
 ) -> Iterator[ChatChunk]:
     """Stream a chat completion (SSE). Closing the generator closes the
     response, which is how a cancel stops the upstream's work."""
-    with _translated(base_url):
+    with _translated(base_url, api_key):
         stream = openai_client(base_url, api_key).chat.completions.create(
             model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, stream=True, stream_options={"include_usage": True},

@@ -60,12 +60,16 @@ def message_enqueue(
     except CatalogError as exc:
         raise ChatInputError(exc.code, str(exc)) from exc
     with transaction.atomic():
-        if conversation_id is None:
-            conversation = Conversation.objects.create(user=user, title=content.strip()[:60])
-        else:
+        if conversation_id is not None:
             conversation = Conversation.objects.filter(pk=conversation_id, user=user).first()
             if conversation is None:
                 raise ChatInputError("unknown_conversation", f"No conversation {conversation_id} of yours.")
+        if "\x00" in content or "\x00" in client_id:
+            # PostgreSQL text cannot hold NUL; refused on every database alike.
+            raise ChatInputError("bad_content", "The message contains a NUL character (\\u0000).")
+        if conversation_id is None:
+            conversation = Conversation.objects.create(user=user, title=content.strip()[:60])
+        else:
             conversation.save(update_fields=["updated_at"])
         now = timezone.now()
         Message.objects.create(conversation=conversation, role=Message.Role.USER, content=content,

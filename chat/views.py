@@ -52,7 +52,7 @@ def index(request: HttpRequest, conversation_id: int | None = None) -> HttpRespo
 def _json_body(request: HttpRequest) -> dict:
     try:
         body = json.loads(request.body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         body = None
     if not isinstance(body, dict):
         raise _BadRequest("bad_json", "The body must be one JSON object.")

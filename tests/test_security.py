@@ -262,12 +262,6 @@ async def test_secrets_never_appear_in_events_pages_or_answers(ws_headers, user,
         assert not found, f"{secret} appears in {found}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "An upstream's 401 body may quote the key it was sent (the fake quotes a 7-character key as it came; "
-    "some OpenAI-compatible servers always do). chat/openai_endpoint.py `_translated` raises OpenAIAuthFailed "
-    "`from exc`, and Celery logs a failed task's whole exception chain: the key reaches the CPU worker's log "
-    "(`openai.AuthenticationError: Error code: 401 - Incorrect API key provided: sk-test`). Raise it "
-    "`from None` (or scrub the key from the upstream's message)."))
 @pytest.mark.asyncio
 async def test_secrets_never_appear_in_the_worker_logs(ws_headers, demo_model, workers, stack):
     marks = {name: (stack.var / f"{name}.log").stat().st_size for name in ("gpu", "cpu")}
@@ -315,10 +309,6 @@ def _pages(user) -> dict[str, str]:
     return {where: response.content.decode(errors="replace") for where, response in pages.items()}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "docker-compose.yml gives the web service neither DJANGO_DEBUG nor DJANGO_SECRET_KEY, so the deployed "
-    "site runs with DEBUG=True (tracebacks with local variables, settings and URL lists on error pages) and "
-    "the development SECRET_KEY published in chatsite/settings.py."))
 def test_the_compose_deployment_runs_without_debug_and_with_its_own_secret_key():
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     env = services["web"].get("environment") or {}
@@ -433,10 +423,6 @@ def test_a_redis_outage_does_not_turn_into_rate_limit_errors(rate_limit, user, m
         message_rate_check(user=user)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chat/completions.py `_ERRORS` has no entry for `rate_limited`, so /v1/chat/completions answers a user "
-    "over the limit with 500 `server_error` instead of OpenAI's 429 `rate_limit_exceeded` (which the openai "
-    "client turns into RateLimitError and retries after). Add \"rate_limited\": (429, \"rate_limit_exceeded\")."))
 def test_the_api_answers_a_user_over_the_rate_limit_with_429(rate_limit, user, demo_model):
     from chat.api.keys import api_key_create
 

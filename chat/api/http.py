@@ -27,6 +27,8 @@ def json_body(request: HttpRequest) -> dict:
         body = json.loads(request.body or b"null")
     except ValueError as exc:
         raise RequestError("invalid_request", f"The body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise RequestError("invalid_request", "The body's JSON is nested too deeply.") from None
     if not isinstance(body, dict):
         raise RequestError("invalid_request", "The body must be a JSON object.")
     return body
