@@ -245,6 +245,13 @@ async def redis_restart(stack, comm) -> None:
     assert done, "the consumer did not notice that Redis went away"
     assert isinstance(comm.future.exception(), RedisConnectionError), comm.future.exception()
     await sync_to_async(catalog_forget)()
+    # This process's pooled broker connections are stale too. Publishing
+    # retries on a fresh one, but Workers.start's app.control.ping (the
+    # fixtures restart workers after these tests) does not: replace them
+    # (kombu's own pool reset: close all, then refill with lazy ones).
+    from chatsite.celery import app
+
+    app.pool.resize(app.pool.limit, reset=True)
 
 
 async def channel_layer_reset() -> None:
