@@ -88,11 +88,11 @@ class PrivateRedis:
 
     `directory` holds its log, pid file, a lock and its append-only file
     (Redis 7: `appendonlydir/`), which a later start on the same directory
-    loads. The lock is inherited by
-    the server process, so it stays held for as long as either this process
-    or the server lives: a second start on the same directory (another
-    `make run`, or a server orphaned when its parent was killed) fails with
-    RedisAlreadyRunning instead of quietly starting a second server.
+    loads. The lock is inherited by the server process, so it stays held
+    for as long as either this process or the server lives: a second start
+    on the same directory (another `make run`, or a server orphaned when its
+    parent was killed) fails with RedisAlreadyRunning instead of quietly
+    starting a second server.
     """
 
     def __init__(self, *, directory: Path, port: int | None = None):
