@@ -308,13 +308,6 @@ async def test_redis_restarted_mid_conversation(ws_headers, user, small_demo, wo
     await fresh.disconnect()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Celery 5.7 / kombu 5.7 with the Redis broker: a CPU worker (-P threads, task_acks_late) that loses the "
-    "broker connection while a task runs exits with `Unrecoverable error: AttributeError(\"'NoneType' object "
-    "has no attribute 'hostname'\")` while restoring the unacknowledged message (kombu/transport/redis.py "
-    "Channel.close -> restore_unacked -> _connparams on a closed connection); the solo GPU worker and a threads "
-    "worker without late ack survive. Nothing then serves the cpu queue (runstack stops the whole stack when a "
-    "child exits). Reproduced outside the project with a 3 s sleep task."))
 async def test_redis_restart_while_an_ollama_reply_streams_keeps_the_cpu_worker(ws_headers, small_demo, workers,
                                                                              stack):
     long_ollama_reply(stack)
@@ -332,10 +325,6 @@ async def test_redis_restart_while_an_ollama_reply_streams_keeps_the_cpu_worker(
         await sync_to_async(cpu_worker_ensure, thread_sensitive=False)(workers)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A message waiting in the broker queue when Redis restarts is lost with the queue: its reply stays "
-    "`queued` forever and no end frame ever comes (nothing re-dispatches or fails unfinished replies whose "
-    "task vanished; Redis runs with --save '' --appendonly no)."))
 async def test_redis_restart_loses_no_queued_message(ws_headers, user, small_demo, workers, stack):
     comm = communicator(ws_headers)
     assert (await comm.connect())[0]
@@ -355,10 +344,6 @@ async def test_redis_restart_loses_no_queued_message(ws_headers, user, small_dem
                      what="the queued reply to end")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "After a Redis restart the GPU state reads owner 'none', no local models, while the GPU worker still "
-    "holds local_demo: /api/gpu/ and the picker are wrong until the next local message rewrites the state "
-    "(GpuManager keeps its engines in memory; nothing rewrites the state when Redis comes back)."))
 async def test_redis_restart_state_soon_lists_what_the_worker_holds(ws_headers, small_demo, workers, stack):
     comm = communicator(ws_headers)
     assert (await comm.connect())[0]
@@ -369,12 +354,6 @@ async def test_redis_restart_state_soon_lists_what_the_worker_holds(ws_headers, 
                                   what="the GPU state to list the resident model again")
 
 
-@pytest.mark.xfail(strict=True, raises=RedisConnectionError, reason=(
-    "redis-py 8's asyncio pool hands out a pooled connection that the old server closed without checking it, "
-    "and channels_redis's pools (CHANNEL_LAYERS in chatsite/settings.py) set no retry: after a Redis restart "
-    "the first channel-layer command on each stale connection of the web process raises "
-    "ConnectionError('Connection closed by server'), here in chat_send's subscribe, after the message was "
-    "stored and dispatched and before chat.accepted: the socket dies. (Workers: chat/relay.py retries.)"))
 async def test_redis_restart_first_message_after_it_is_accepted(ws_headers, small_demo, workers, stack):
     comm = communicator(ws_headers)
     assert (await comm.connect())[0]
@@ -483,11 +462,6 @@ async def test_a_task_delivered_again_after_its_reply_ended_does_nothing(ws, sma
         assert str(accepted["message"]) not in Leases(slot=settings.GPU_SLOT).live()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "chat/generation.py reply_start() only skips a reply that has *finished*: a cpu_generate delivered again "
-    "while the first run still streams (the visibility timeout passed; neither the solo nor the threads pool "
-    "enforces CELERY_TASK_TIME_LIMIT, so nothing stops a generation from outliving it) starts a second stream "
-    "of the same reply: a second upstream request, and deltas numbered from 0 again on the same socket."))
 async def test_a_task_delivered_again_while_its_reply_streams_does_not_stream_it_twice(ws, small_demo, workers,
                                                                                        stack):
     from chatsite.celery import app

@@ -5,6 +5,7 @@ GPU worker, `cpu_*` on the CPU workers.
 """
 import logging
 import threading
+import time
 
 from celery import shared_task
 from celery.signals import task_postrun, worker_ready, worker_shutdown
@@ -52,15 +53,20 @@ def gpu_unload(self, names: list[str] | None = None) -> None:
 def gpu_unload_idle(self) -> None:
     """Queued by the housekeeping thread; checks again when it runs, since a
     message may have used the model in between."""
-    global _idle_queued
-    _idle_queued = False
+    global _idle_queued_at
+    _idle_queued_at = None
     idle = self.manager.idle_engines()
     if idle:
         self.manager.unload_local(names=idle, reason="idle")
 
 
 _heartbeat = None
-_idle_queued = False
+#: When the housekeeping thread last queued gpu_unload_idle (monotonic), or
+#: None once it ran. Queued again after IDLE_REQUEUE_SECONDS: a task that a
+#: Redis which came back empty lost must not stop idle unloads for good (a
+#: second one is harmless: it checks again when it runs).
+_idle_queued_at: float | None = None
+IDLE_REQUEUE_SECONDS = 120.0
 
 
 def _housekeeping(stop: threading.Event) -> None:
@@ -70,14 +76,15 @@ def _housekeeping(stop: threading.Event) -> None:
     crashed or came back empty). It never touches an engine itself:
     unloading goes through the queue, so it cannot race a running task, and
     the state is rewritten only between transitions (GpuManager.state_sync)."""
-    global _idle_queued
+    global _idle_queued_at
     manager = gpu_manager()
     while not stop.wait(settings.GPU_HOUSEKEEPING_SECONDS):
         try:
             manager.state_sync(note="restored after Redis lost it")
             manager.reap_leases()
-            if not _idle_queued and manager.idle_engines():
-                _idle_queued = True
+            waited = None if _idle_queued_at is None else time.monotonic() - _idle_queued_at
+            if (waited is None or waited > IDLE_REQUEUE_SECONDS) and manager.idle_engines():
+                _idle_queued_at = time.monotonic()
                 gpu_unload_idle.apply_async(queue=f"gpu.{settings.GPU_SLOT}")
         except Exception:  # keep the thread alive through a Redis blip
             log.exception("GPU housekeeping failed; retrying")
