@@ -58,7 +58,10 @@ async def send_timed(comm, *, model: str, content: str, timeout: float = END_WIT
     """Send one message; return (accepted, frames up to its end, seconds from send to end)."""
     started = time.monotonic()
     accepted, frames = await send_and_finish(comm, model=model, content=content, timeout=timeout)
-    return accepted, frames, time.monotonic() - started
+    took = time.monotonic() - started
+    # The "observed" column of docs/reliability.md (pytest -s shows it).
+    print(f"\n[fault] {model}: {frames[-1]['type']} {frames[-1].get('code', '')} {took:.2f} s after the send")
+    return accepted, frames, took
 
 
 async def assert_recovered(comm, *, failed: int) -> None:
