@@ -19,16 +19,20 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Iterator
 
 from django.conf import settings
 from django.utils import timezone
 
-from chat.catalog import ModelChoice, endpoints, model_resolve
+from chat.catalog import CatalogError, ModelChoice, endpoints, model_resolve
 from chat.models import Message, MessageStatus, ModelConfig, ModelKind
 from chat.openai_endpoint import openai_chat_stream
 from chat.relay import DeltaRelay, group_send, message_group
-from chat.services import cancel_requested, message_fail, message_finish
+from chatsite.redis_client import redis_client
+from chat.services import (
+    DISPATCHED_KEY, REDISPATCH_LOCK_KEY, cancel_requested, message_dispatch, message_fail, message_finish,
+)
 from gpu_manager.leases import Claims, Keeper, LeaseKeeper, LeaseLost, Leases
 from gpu_manager.manager import GpuManager, LocalSpec
 from gpu_manager.ollama import OllamaModelMissing, ollama_chat_stream, ollama_tags
@@ -276,6 +280,43 @@ def gpu_acquire_for_reply(*, message_id: int, manager: GpuManager) -> None:
         manager.acquire_external(owner=choice.kind, holder=message_id,
                                  ollama_model=choice.upstream if choice.kind == "ollama" else None,
                                  on_event=switch_notifier(message_id))
+
+
+def replies_redispatch_lost() -> list[int]:
+    """Queue again the replies whose work is in no queue and under way
+    nowhere: unfinished more than REPLY_REDISPATCH_AFTER_SECONDS after they
+    were queued, missing from the dispatch ledger (Redis crashed without its
+    append-only file, or was flushed or replaced, and took their tasks), and
+    claimed by no run (a live run renews its claim, into the new Redis too).
+    Called by the GPU workers' housekeeping; one pass per period across all
+    of them (a lock). A duplicate delivery is harmless: one run at a time
+    claims a reply, and a finished one is skipped (reply_start)."""
+    r = redis_client()
+    after = settings.REPLY_REDISPATCH_AFTER_SECONDS
+    period_ms = int(1000 * max(settings.GPU_HOUSEKEEPING_SECONDS, after / 4))
+    if not r.set(REDISPATCH_LOCK_KEY, "1", nx=True, px=period_ms):
+        return []
+    unfinished = [MessageStatus.QUEUED, MessageStatus.RUNNING]
+    waiting = list(
+        Message.objects.filter(role=Message.Role.ASSISTANT, status__in=unfinished,
+                               queued_at__lt=timezone.now() - timedelta(seconds=after))
+        .values_list("pk", "model_name", "batch_line__id")[:500]
+    )
+    if not waiting:
+        return []
+    ledger = set(r.hkeys(DISPATCHED_KEY))
+    lost = [(pk, model, line) for pk, model, line in waiting
+            if str(pk) not in ledger and reply_claim_holder(pk) is None]
+    for message_id, model_name, batch_line in lost:
+        log.warning("message %s: its task is in no queue (Redis lost it); queued again", message_id)
+        try:
+            choice = model_resolve(model_name)
+        except CatalogError as exc:
+            message_fail(message_id=message_id, code=exc.code, detail=str(exc))
+            continue
+        message_dispatch(message_id=message_id, choice=choice,
+                         priority=settings.BATCH_PRIORITY if batch_line else None)
+    return [message_id for message_id, *_ in lost]
 
 
 def gpu_worker_recover(*, manager: GpuManager) -> None:

@@ -3,6 +3,7 @@ messages. The websocket consumer, the HTTP views and the tasks call these."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from django.conf import settings
@@ -101,6 +102,7 @@ def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | No
     """
     options = {} if priority is None else {"priority": priority}
     try:
+        redis_client().hset(DISPATCHED_KEY, str(message_id), f"{time.time():.3f}")
         if choice.kind == "local":
             queue = gpu_queue(slot_for_local(choice.name))
             app.signature("workers.tasks.gpu_generate", args=(message_id,), queue=queue, **options).apply_async()
@@ -116,6 +118,24 @@ def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | No
     except Exception as exc:  # the broker refused: the message must not sit queued forever
         log.exception("could not queue message %s", message_id)
         message_fail(message_id=message_id, code="queue_unavailable", detail=f"Could not queue the message: {exc}")
+
+
+#: The dispatch ledger: a hash of the replies whose work is queued or under
+#: way, from message_dispatch until the reply ends. It lives in the same
+#: Redis as the queues, so when Redis comes back empty both are gone, and an
+#: unfinished reply missing from it, which no run claims, is one whose task
+#: was lost (chat.generation.replies_redispatch_lost).
+DISPATCHED_KEY = "chat:dispatched"
+REDISPATCH_LOCK_KEY = "chat:redispatch-lock"
+
+
+def dispatch_forget(message_id: int) -> None:
+    """The reply ended. Best effort: an entry left behind is harmless (the
+    ledger is only read for unfinished replies)."""
+    try:
+        redis_client().hdel(DISPATCHED_KEY, str(message_id))
+    except Exception:
+        log.warning("message %s: could not remove it from the dispatch ledger", message_id, exc_info=True)
 
 
 def message_cancel(*, user, message_id: int) -> None:
@@ -179,6 +199,7 @@ def _end(message_id: int, **fields) -> bool:
         .update(finished_at=timezone.now(), **fields)
     )
     if updated == 1:
+        dispatch_forget(message_id)
         _observe(message_id)
     return updated == 1
 

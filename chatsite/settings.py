@@ -279,6 +279,12 @@ GPU_LOCAL_BUDGET_BYTES = int(os.environ.get("GPU_LOCAL_BUDGET_BYTES", 0))
 GPU_HOUSEKEEPING_SECONDS = float(os.environ.get("GPU_HOUSEKEEPING_SECONDS", 5.0))
 #: CONTRACT §5 asks for at least the last 500 transitions.
 GPU_EVENTS_KEPT = 1000
+#: A reply still `queued` after this many seconds whose task is in no queue
+#: (Redis came back empty and took it) is queued again by the GPU workers'
+#: housekeeping (chat.services.replies_redispatch_lost). Far above the time
+#: from a commit to its dispatch; a reply waiting in a long queue is never
+#: taken for lost, however long it waits.
+REPLY_REDISPATCH_AFTER_SECONDS = float(os.environ.get("REPLY_REDISPATCH_AFTER_SECONDS", 60.0))
 
 DEMO_MODEL_DIR = Path(os.environ.get("DEMO_MODEL_DIR", VAR_DIR / "models" / "local_demo"))
 

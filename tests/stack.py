@@ -40,6 +40,9 @@ class Stack:
             # Short leases, so the crash tests wait seconds, not the default 15.
             "GPU_LEASE_TTL": "3",
             "GPU_HOUSEKEEPING_SECONDS": "0.5",
+            # A reply whose task an emptied Redis lost is queued again after
+            # seconds, not the default minute (tests/test_faults.py).
+            "REPLY_REDISPATCH_AFTER_SECONDS": "5",
             # The suite sends hundreds of messages as one user within a
             # minute; tests/test_security.py turns the rate limit on.
             "CHAT_RATE_LIMIT_MESSAGES": "0",

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -345,6 +346,35 @@ async def test_redis_restart_loses_no_queued_message(ws_headers, user, small_dem
     await redis_restart(stack, comm)
     await eventually(lambda: message_over_http(user, queued["message"])["finished_at"], timeout=10,
                      what="the queued reply to end")
+
+
+async def test_redis_come_back_empty_loses_no_queued_message(ws_headers, user, small_demo, workers, stack):
+    """As above, but Redis returns with nothing (a crash without its
+    append-only file, a replaced server): the queued reply's task is gone
+    with the queue, and the GPU workers' housekeeping queues it again."""
+    comm = communicator(ws_headers)
+    assert (await comm.connect())[0]
+    _, frames = await send_and_finish(comm, model="ollama_qwen:7b", content="Ollama owns the GPU")
+    assert frames[-1]["type"] == "chat.done"
+    stack.ollama.unload_delay = 3.0
+    for client_id in ("switching", "queued"):
+        await comm.send_json_to({"type": "chat.send", "model": "local_demo", "content": "behind it",
+                                 "client_id": client_id})
+        queued = (await frames_until(comm, lambda f: f["type"] == "chat.accepted"))[-1]
+    await eventually(lambda: store().current() is not None, timeout=END_WITHIN,
+                     what="the GPU worker to take the first local message")
+    await sync_to_async(stack.redis.stop)()
+    shutil.rmtree(stack.redis.directory / "appendonlydir")  # what a crash without the file leaves
+    await sync_to_async(stack.redis.start)()
+    done, _ = await asyncio.wait({comm.future}, timeout=END_WITHIN)
+    assert done, "the consumer did not notice that Redis went away"
+    await sync_to_async(catalog_forget)()
+    from chatsite.celery import app
+
+    app.pool.resize(app.pool.limit, reset=True)
+    await eventually(lambda: message_over_http(user, queued["message"])["status"] == "done",
+                     timeout=settings.REPLY_REDISPATCH_AFTER_SECONDS + END_WITHIN,
+                     what="the lost reply to be queued again and answered")
 
 
 async def test_redis_restart_state_soon_lists_what_the_worker_holds(ws_headers, small_demo, workers, stack):

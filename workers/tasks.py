@@ -14,7 +14,7 @@ from django.conf import settings
 from chat.batches import batch_advance, batch_advance_queue, batch_line_ended
 from chat.generation import (
     external_reply_generate, gpu_acquire_for_reply, gpu_worker_recover, local_reply_generate, local_spec,
-    local_specs_preload, ollama_urls,
+    local_specs_preload, ollama_urls, replies_redispatch_lost,
 )
 from workers.base import GpuControlTask, GpuTask, LocalModelTask, MessageTask, gpu_manager
 from workers.heartbeat import heartbeat_start, heartbeat_stop
@@ -72,8 +72,8 @@ IDLE_REQUEUE_SECONDS = 120.0
 def _housekeeping(stop: threading.Event) -> None:
     """In the GPU worker, beside the solo pool: fail the replies of dead
     lease holders, queue an idle unload when a model outlived its
-    keep-alive, and rewrite the GPU state when Redis lost it (a Redis that
-    crashed or came back empty). It never touches an engine itself:
+    keep-alive, and, when Redis lost them (a Redis that crashed or came back
+    empty), rewrite the GPU state and queue the lost replies again. It never touches an engine itself:
     unloading goes through the queue, so it cannot race a running task, and
     the state is rewritten only between transitions (GpuManager.state_sync)."""
     global _idle_queued_at
@@ -82,6 +82,7 @@ def _housekeeping(stop: threading.Event) -> None:
         try:
             manager.state_sync(note="restored after Redis lost it")
             manager.reap_leases()
+            replies_redispatch_lost()
             waited = None if _idle_queued_at is None else time.monotonic() - _idle_queued_at
             if (waited is None or waited > IDLE_REQUEUE_SECONDS) and manager.idle_engines():
                 _idle_queued_at = time.monotonic()
