@@ -255,3 +255,52 @@ async def test_a_reply_longer_than_the_deadline_is_cut_there(short_deadline, mod
         assert frames[-1]["type"] == "chat.done", frames[-1]
     finally:
         await comm.disconnect()
+
+
+# --- a message taken by a GPU worker that died -------------------------------------
+
+TAKE_AND_DIE = """
+import os, sys
+from chatsite.celery import app
+with app.connection_for_write() as connection:
+    message = connection.default_channel.basic_get(sys.argv[1], no_ack=False)
+    print("took" if message is not None else "nothing", flush=True)
+    os._exit(0)  # as a killed worker: no acknowledgement, no restore on close
+"""
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_a_message_taken_by_a_dead_gpu_worker_runs_when_the_next_one_starts(ws_headers, demo_model,
+                                                                                  workers, stack):
+    """The window a SIGKILL can hit between two tasks: the worker has taken
+    the next message (late acknowledgement: it sits in the transport's
+    `unacked` hash) but not yet started its reply. Without workers/orphans.py
+    it would wait out the visibility timeout (22 minutes) with its reply
+    `queued`; here a real consumer process takes it and exits."""
+    import subprocess
+
+    from chat.placement import gpu_queue
+    from chatsite.celery import app
+
+    queue = gpu_queue(settings.GPU_SLOT)
+    comm = communicator(ws_headers)
+    assert (await comm.connect())[0]
+    await sync_to_async(workers.stop)("gpu")
+    try:
+        await comm.send_json_to({"type": "chat.send", "model": "local_demo", "content": "taken", "client_id": "t"})
+        message = (await frames_until(comm, lambda f: f["type"] == "chat.accepted"))[-1]["message"]
+        env = {**os.environ, "DATABASE_URL": workers.database_url}
+        took = await sync_to_async(subprocess.run)(
+            [".venv/bin/python", "-c", TAKE_AND_DIE, queue], cwd=str(settings.BASE_DIR), env=env,
+            capture_output=True, text=True, timeout=60)
+        assert took.stdout.strip() == "took", took.stdout + took.stderr
+        with app.connection_for_write() as connection:
+            assert connection.default_channel.client.hlen("unacked") >= 1
+    finally:
+        await sync_to_async(workers.start)("gpu")
+    final = (await frames_until(comm, ends(message), timeout=60))[-1]
+    assert final["type"] == "chat.done", final
+    reply = await Message.objects.aget(pk=message)
+    assert reply.status == MessageStatus.DONE and reply.content
+    await comm.disconnect()

@@ -18,8 +18,12 @@ from chat.generation import (
 )
 from workers.base import GpuControlTask, GpuTask, LocalModelTask, MessageTask, gpu_manager
 from workers.heartbeat import heartbeat_start, heartbeat_stop
+from workers.orphans import orphans_restore
 
 log = logging.getLogger(__name__)
+#: Imported as the worker starts, before it consumes: a message of its queue
+#: delivered earlier was taken by a predecessor (workers/orphans.py).
+_PROCESS_STARTED = time.time()
 
 
 @shared_task(base=LocalModelTask, bind=True)
@@ -94,12 +98,15 @@ def _housekeeping(stop: threading.Event) -> None:
 @worker_ready.connect
 def worker_started(sender, **kwargs) -> None:
     """A GPU worker that (re)starts holds no model: repair a state that says
-    otherwise, and end the reply its predecessor died on, before the first
-    task is served. Every worker then reports itself alive for /readyz."""
+    otherwise, end the reply its predecessor died on, and put back the
+    messages it had taken (workers/orphans.py), before the first task is
+    served. Every worker then reports itself alive for /readyz."""
     global _heartbeat
     queues = sorted(sender.app.amqp.queues.consume_from)
     if any(q.startswith("gpu.") for q in queues):
         gpu_worker_recover(manager=gpu_manager())
+        for queue in (q for q in queues if q.startswith("gpu.")):
+            orphans_restore(app=sender.app, queue=queue, delivered_before=_PROCESS_STARTED)
         threading.Thread(target=_housekeeping, args=(threading.Event(),), name="gpu-housekeeping",
                          daemon=True).start()
     _heartbeat = heartbeat_start(hostname=sender.hostname, queues=queues)
