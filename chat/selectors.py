@@ -60,7 +60,9 @@ def _public_event(event: dict) -> dict:
 
 def conversations_list(*, user) -> list[dict]:
     """The user's conversations, most recently used first, each marked when a
-    reply in it is still queued or streaming (the list shows a spinner)."""
+    reply in it is still queued or streaming (the list shows a spinner).
+    Batch lines are left out: a 2,000-line batch is one batch (the API and
+    the admin list it), not 2,000 conversations in the chat page's list."""
     busy = set(
         Message.objects.filter(conversation__user=user, role=Message.Role.ASSISTANT)
         .exclude(status__in=FINISHED_STATUSES)
@@ -68,7 +70,8 @@ def conversations_list(*, user) -> list[dict]:
     )
     return [
         {"id": c.pk, "title": c.title or "", "updated_at": c.updated_at, "busy": c.pk in busy}
-        for c in Conversation.objects.filter(user=user).order_by("-updated_at", "-pk")
+        for c in Conversation.objects.filter(user=user).exclude(messages__batch_line__isnull=False)
+        .order_by("-updated_at", "-pk")
     ]
 
 

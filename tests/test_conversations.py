@@ -56,6 +56,21 @@ def test_list_is_the_users_own_most_recent_first_with_busy_marks(logged_in, user
         (new.pk, "new", True), (old.pk, "old", False)]
 
 
+def test_batch_lines_are_not_listed_as_conversations(logged_in, user):
+    from chat.models import Batch, BatchFile, BatchLine
+
+    chat = Conversation.objects.create(user=user, title="a chat")
+    exchange(chat)
+    line = Conversation.objects.create(user=user, title="batch_1 #1 a")
+    reply = exchange(line)
+    upload = BatchFile.objects.create(user=user, purpose="batch", filename="in.jsonl", bytes=1, content="{}")
+    batch = Batch.objects.create(user=user, input_file=upload, endpoint="/v1/chat/completions")
+    BatchLine.objects.create(batch=batch, line=1, custom_id="a", state="dispatched", message=reply)
+
+    body = logged_in.get("/api/conversations/").json()
+    assert [c["id"] for c in body["conversations"]] == [chat.pk]
+
+
 def test_conversation_messages_with_figures(logged_in, user):
     conversation = Conversation.objects.create(user=user, title="figures")
     reply = exchange(conversation, answer="**bold**", completion_tokens=40, prompt_tokens=5)
