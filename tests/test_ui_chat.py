@@ -91,6 +91,11 @@ def record_renders(page):
 
 
 def test_log_in_and_stream_from_local_demo(browser, server, user, demo):
+    # Long enough to span many 40 ms frames on an idle machine too: 64 tokens
+    # of the tiny model can come in two frames, with nothing to see between.
+    demo.max_new_tokens = 256
+    demo.save(update_fields=["max_new_tokens"])
+    catalog_forget()
     context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 800}, locale="en-US")
     page = ui_support.watched_page(context)
     page.goto("/")
