@@ -3,6 +3,7 @@ logged-in websocket, and condition waits (never bare sleeps)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -81,6 +82,27 @@ class Workers:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    @contextlib.contextmanager
+    def restarted_with(self, names: tuple[str, ...], **env: str):
+        """Restart `names` with `env` set for the block, and as before after it."""
+        before = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        self._restart(names)
+        try:
+            yield
+        finally:
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = value
+            self._restart(names)
+
+    def _restart(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            self.stop(name)
+            self.start(name)
 
     def kill(self, name: str) -> None:
         """SIGKILL: the worker gets no chance to clean up, as in a crash."""

@@ -11,7 +11,6 @@ of what was observed is docs/reliability.md.
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import time
 
@@ -117,19 +116,8 @@ async def ws(ws_headers):
 def short_read_timeout(workers):
     """The CPU worker restarted with UPSTREAM_READ_TIMEOUT=READ_TIMEOUT for
     this module's slow-upstream tests, and restarted as before after them."""
-    before = os.environ.get("UPSTREAM_READ_TIMEOUT")
-    os.environ["UPSTREAM_READ_TIMEOUT"] = str(READ_TIMEOUT)
-    workers.stop("cpu")
-    workers.start("cpu")
-    try:
+    with workers.restarted_with(("cpu",), UPSTREAM_READ_TIMEOUT=str(READ_TIMEOUT)):
         yield READ_TIMEOUT
-    finally:
-        if before is None:
-            os.environ.pop("UPSTREAM_READ_TIMEOUT")
-        else:
-            os.environ["UPSTREAM_READ_TIMEOUT"] = before
-        workers.stop("cpu")
-        workers.start("cpu")
 
 
 # --- Ollama ------------------------------------------------------------------
@@ -240,10 +228,14 @@ def long_ollama_reply(stack) -> None:
     stack.ollama.token_delay = 0.01
 
 
-async def redis_restart(stack, comm) -> None:
-    """Restart Redis; the socket's consumer fails with the connection error
-    of its channel layer (uvicorn would close the socket with 1011)."""
+async def redis_restart(stack, comm, *, empty: bool = False) -> None:
+    """Restart Redis (`empty`: without its append-only file, as a crash
+    before a write or a replaced server leaves it); the socket's consumer
+    fails with the connection error of its channel layer (uvicorn would
+    close the socket with 1011)."""
     await sync_to_async(stack.redis.stop)()
+    if empty:
+        shutil.rmtree(stack.redis.directory / "appendonlydir")
     await sync_to_async(stack.redis.start)()
     done, _ = await asyncio.wait({comm.future}, timeout=END_WITHIN)
     assert done, "the consumer did not notice that Redis went away"
@@ -329,13 +321,12 @@ async def test_redis_restart_while_an_ollama_reply_streams_keeps_the_cpu_worker(
         await sync_to_async(cpu_worker_ensure, thread_sensitive=False)(workers)
 
 
-async def test_redis_restart_loses_no_queued_message(ws_headers, user, small_demo, workers, stack):
-    comm = communicator(ws_headers)
-    assert (await comm.connect())[0]
+async def message_queued_behind_a_switch(comm, stack) -> dict:
+    """Two local messages after an Ollama one: the GPU worker takes the
+    first and waits 3 s for Ollama to free its memory; the second, whose
+    `chat.accepted` this returns, waits in the broker's queue."""
     _, frames = await send_and_finish(comm, model="ollama_qwen:7b", content="Ollama owns the GPU")
     assert frames[-1]["type"] == "chat.done"
-    # The GPU worker takes the first local message and waits 3 s for Ollama
-    # to free its memory; the second waits in the broker's queue.
     stack.ollama.unload_delay = 3.0
     for client_id in ("switching", "queued"):
         await comm.send_json_to({"type": "chat.send", "model": "local_demo", "content": "behind it",
@@ -343,6 +334,13 @@ async def test_redis_restart_loses_no_queued_message(ws_headers, user, small_dem
         queued = (await frames_until(comm, lambda f: f["type"] == "chat.accepted"))[-1]
     await eventually(lambda: store().current() is not None, timeout=END_WITHIN,
                      what="the GPU worker to take the first local message")
+    return queued
+
+
+async def test_redis_restart_loses_no_queued_message(ws_headers, user, small_demo, workers, stack):
+    comm = communicator(ws_headers)
+    assert (await comm.connect())[0]
+    queued = await message_queued_behind_a_switch(comm, stack)
     await redis_restart(stack, comm)
     await eventually(lambda: message_over_http(user, queued["message"])["finished_at"], timeout=10,
                      what="the queued reply to end")
@@ -354,24 +352,8 @@ async def test_redis_come_back_empty_loses_no_queued_message(ws_headers, user, s
     with the queue, and the GPU workers' housekeeping queues it again."""
     comm = communicator(ws_headers)
     assert (await comm.connect())[0]
-    _, frames = await send_and_finish(comm, model="ollama_qwen:7b", content="Ollama owns the GPU")
-    assert frames[-1]["type"] == "chat.done"
-    stack.ollama.unload_delay = 3.0
-    for client_id in ("switching", "queued"):
-        await comm.send_json_to({"type": "chat.send", "model": "local_demo", "content": "behind it",
-                                 "client_id": client_id})
-        queued = (await frames_until(comm, lambda f: f["type"] == "chat.accepted"))[-1]
-    await eventually(lambda: store().current() is not None, timeout=END_WITHIN,
-                     what="the GPU worker to take the first local message")
-    await sync_to_async(stack.redis.stop)()
-    shutil.rmtree(stack.redis.directory / "appendonlydir")  # what a crash without the file leaves
-    await sync_to_async(stack.redis.start)()
-    done, _ = await asyncio.wait({comm.future}, timeout=END_WITHIN)
-    assert done, "the consumer did not notice that Redis went away"
-    await sync_to_async(catalog_forget)()
-    from chatsite.celery import app
-
-    app.pool.resize(app.pool.limit, reset=True)
+    queued = await message_queued_behind_a_switch(comm, stack)
+    await redis_restart(stack, comm, empty=True)
     await eventually(lambda: message_over_http(user, queued["message"])["status"] == "done",
                      timeout=settings.REPLY_REDISPATCH_AFTER_SECONDS + END_WITHIN,
                      what="the lost reply to be queued again and answered")

@@ -183,23 +183,8 @@ def test_a_run_ends_before_the_soft_time_limit_and_long_before_redelivery():
 def short_deadline(workers):
     """Both workers restarted with GENERATION_DEADLINE_SECONDS=DEADLINE for
     the deadline tests, and restarted as before after them."""
-    before = os.environ.get("GENERATION_DEADLINE_SECONDS")
-    os.environ["GENERATION_DEADLINE_SECONDS"] = str(DEADLINE)
-
-    def restart() -> None:
-        for name in ("gpu", "cpu"):
-            workers.stop(name)
-            workers.start(name)
-
-    restart()
-    try:
+    with workers.restarted_with(("gpu", "cpu"), GENERATION_DEADLINE_SECONDS=str(DEADLINE)):
         yield DEADLINE
-    finally:
-        if before is None:
-            os.environ.pop("GENERATION_DEADLINE_SECONDS")
-        else:
-            os.environ["GENERATION_DEADLINE_SECONDS"] = before
-        restart()
 
 
 @pytest.mark.asyncio
