@@ -9,7 +9,9 @@ import time
 
 import pytest
 from django.conf import settings
+from django.contrib.admin.utils import quote
 from django.core.management import call_command
+from django.urls import reverse
 
 from chat import batches
 from chat.catalog import model_resolve
@@ -236,11 +238,14 @@ def test_admin_shows_batches_with_progress_and_downloads(client, django_user_mod
     client.force_login(admin)
     upload = batches.file_create(user=user, filename="in.jsonl", data=jsonl([request_line("a", "x")]),
                                  purpose="batch")
-    batch = Batch.objects.create(user=user, input_file=upload, endpoint="/v1/chat/completions", status="in_progress")
+    # An id whose "_40" the admin's URL quoting would misread, had its links not been quoted.
+    batch = Batch.objects.create(id="batch_40" + "a" * 22, user=user, input_file=upload,
+                                 endpoint="/v1/chat/completions", status="in_progress")
     BatchLine.objects.create(batch=batch, line=1, custom_id="a", state="invalid", error_code="model_not_found")
     page = client.get("/admin/chat/batch/")
     assert page.status_code == 200 and b"<progress" in page.content and batch.pk.encode() in page.content
-    detail = client.get(f"/admin/chat/batch/{batch.pk}/change/")
+    # The admin quotes primary keys in its URLs ("batch_40…" would read as "batch@…" unquoted).
+    detail = client.get(reverse("admin:chat_batch_change", args=[quote(batch.pk)]))
     assert detail.status_code == 200 and b"0 done, 1 failed of 1" in detail.content
     download = client.get(f"/admin/chat/batchfile/{upload.pk}/download/")
     assert download.status_code == 200 and download.content == jsonl([request_line("a", "x")])

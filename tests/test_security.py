@@ -20,6 +20,7 @@ Covered elsewhere and not repeated here:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -353,6 +354,7 @@ def test_the_api_takes_no_session_cookie_so_needs_no_csrf_token(user):
 @pytest.fixture
 def rate_limit(settings, user, mallory):
     settings.CHAT_RATE_LIMIT_MESSAGES, settings.CHAT_RATE_LIMIT_WINDOW = 3, 60.0
+    redis_client().delete(rate_key(user.pk), rate_key(mallory.pk))  # a window left by an earlier test
     yield settings
     redis_client().delete(rate_key(user.pk), rate_key(mallory.pk))
 
@@ -361,27 +363,30 @@ def rate_limit(settings, user, mallory):
 async def test_a_user_over_the_rate_limit_gets_a_clear_error_and_nothing_is_stored(
         rate_limit, ws_headers, mallory_headers, demo_model, workers):
     sockets = [communicator(ws_headers), communicator(ws_headers)]  # two tabs share one limit
-    for comm in sockets:
-        assert (await comm.connect())[0]
-    for i in range(3):
-        _, frames = await send_and_finish(sockets[i % 2], model="openai_gpt-4o-mini", content=f"message {i}")
-        assert frames[-1]["type"] == "chat.done"
-    stored = await Message.objects.acount()
-    await sockets[1].send_json_to({"type": "chat.send", "model": "openai_gpt-4o-mini", "content": "one more",
-                                   "client_id": "over"})
-    refused = await sockets[1].receive_json_from(timeout=10)
-    assert (refused["type"], refused["code"], refused["message"]) == ("chat.error", "rate_limited", None)
-    assert "at most 3 in 60 seconds" in refused["detail"] and "Try again in" in refused["detail"], refused
-    assert await Message.objects.acount() == stored
-    # The socket stays open, and another user is not held back.
-    await sockets[1].send_json_to({"type": "nope"})
-    assert (await sockets[1].receive_json_from(timeout=10))["code"] == "unknown_type"
     theirs = communicator(mallory_headers)
-    assert (await theirs.connect())[0]
-    _, frames = await send_and_finish(theirs, model="openai_gpt-4o-mini", content="mine")
-    assert frames[-1]["type"] == "chat.done"
-    for comm in (*sockets, theirs):
-        await comm.disconnect()
+    try:
+        for comm in sockets:
+            assert (await comm.connect())[0]
+        for i in range(3):
+            _, frames = await send_and_finish(sockets[i % 2], model="openai_gpt-4o-mini", content=f"message {i}")
+            assert frames[-1]["type"] == "chat.done"
+        stored = await Message.objects.acount()
+        await sockets[1].send_json_to({"type": "chat.send", "model": "openai_gpt-4o-mini", "content": "one more",
+                                       "client_id": "over"})
+        refused = await sockets[1].receive_json_from(timeout=10)
+        assert (refused["type"], refused["code"], refused["message"]) == ("chat.error", "rate_limited", None)
+        assert "at most 3 in 60 seconds" in refused["detail"] and "Try again in" in refused["detail"], refused
+        assert await Message.objects.acount() == stored
+        # The socket stays open, and another user is not held back.
+        await sockets[1].send_json_to({"type": "nope"})
+        assert (await sockets[1].receive_json_from(timeout=10))["code"] == "unknown_type"
+        assert (await theirs.connect())[0]
+        _, frames = await send_and_finish(theirs, model="openai_gpt-4o-mini", content="mine")
+        assert frames[-1]["type"] == "chat.done"
+    finally:  # a socket left open would hold the process-wide channel layer for the tests after this one
+        for comm in (*sockets, theirs):
+            with contextlib.suppress(Exception):  # the failure worth reporting is the test's own
+                await comm.disconnect()
 
 
 def test_the_window_slides(rate_limit, user):
