@@ -275,7 +275,13 @@ def gpu_acquire_for_reply(*, message_id: int, manager: GpuManager) -> None:
         if started is None:
             return
         reply, choice = started
-        if choice.kind == "ollama" and choice.upstream not in ollama_tags(choice.base_url):
+        # Asked live unless the GPU is already Ollama's for this very model
+        # (checked when it got it): one request less per message in a run
+        # of Ollama messages (BENCHMARKS finding 1), and the state never
+        # lists a model Ollama was not seen to have.
+        if (choice.kind == "ollama"
+                and (manager.resident() or choice.upstream not in manager.store.read().ollama_models)
+                and choice.upstream not in ollama_tags(choice.base_url)):
             raise OllamaModelMissing(f"Ollama at {choice.base_url} does not have {choice.upstream}")
         manager.acquire_external(owner=choice.kind, holder=message_id,
                                  ollama_model=choice.upstream if choice.kind == "ollama" else None,

@@ -94,10 +94,13 @@ class LocalEngine:
     @property
     def nbytes(self) -> int:
         """Bytes of weights and buffers: what the model costs the device."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """The model's weights and buffers (none when it is not loaded)."""
         if self.model is None:
-            return 0
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors)
+            return []
+        return list(self.model.parameters()) + list(self.model.buffers())
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -109,7 +112,7 @@ class LocalEngine:
         live in host memory; nothing moves and nothing is freed."""
         if self.device != "cpu":
             self.model.to("cpu")
-            for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+            for tensor in self._tensors():
                 tensor.data = tensor.data.pin_memory()
             memory_release(self.device)
         self.offloaded = True
@@ -147,14 +150,26 @@ class LocalEngine:
             for attr in ("model", "tokenizer")
             if getattr(self, attr) is not None
         }
+        # The model can be freed while one of its layers is not (a layer in
+        # a reference cycle): the weights themselves are watched too.
+        weights = [weakref.ref(t) for t in self._tensors()]
         self.model = self.tokenizer = None
         self.offloaded = False
-        memory_release(self.device)
+        # Reference counting frees everything at once unless a cycle holds
+        # some of it; only then is the full collection worth its 0.15–0.2 s
+        # per switch (docs/BENCHMARKS.md, finding 4).
+        in_cycle = any(ref() is not None for ref in (*refs.values(), *weights))
+        memory_release(self.device, collect=in_cycle)
         survivors = {}
         for label, ref in refs.items():
             if ref() is not None:
                 survivors[label] = _holders(ref())
-                log.warning("unload of %s left %s alive, held by %s", self.name, label, survivors[label])
+        alive = [ref for ref in weights if ref() is not None]
+        if alive and f"{self.name}.model" not in survivors:  # the model went, some of its weights did not
+            survivors[f"{self.name}.weights"] = [f"{len(alive)} of {len(weights)} tensors",
+                                                 *_holders(alive[0]())]
+        for label, holders in survivors.items():
+            log.warning("unload of %s left %s alive, held by %s", self.name, label, holders)
         return survivors
 
     @torch.inference_mode()

@@ -124,6 +124,20 @@ async def test_ollama_missing_model_fails_clearly_and_keeps_the_local_model(ws_h
     await comm.disconnect()
 
 
+async def test_ollama_is_asked_for_its_models_only_when_it_takes_the_gpu(ws_headers, demo_model, workers, stack):
+    comm = communicator(ws_headers)
+    await comm.connect()
+    await send_and_finish(comm, model="local_demo", content="load it")
+    _, frames = await send_and_finish(comm, model="ollama_qwen:7b", content="first")
+    assert frames[-1]["type"] == "chat.done" and store().read().ollama_models == ["qwen:7b"]
+    await sync_to_async(catalog_list)()  # the catalog's own discovery, cached for MODEL_DISCOVERY_TTL
+    stack.ollama.clear()
+    _, frames = await send_and_finish(comm, model="ollama_qwen:7b", content="second")
+    assert frames[-1]["type"] == "chat.done", frames
+    assert stack.ollama.requests_to("/api/tags") == [] and len(stack.ollama.requests_to("/api/chat")) == 1
+    await comm.disconnect()
+
+
 async def test_restarted_gpu_worker_repairs_a_stale_state(ws_headers, demo_model, workers):
     comm = communicator(ws_headers)
     await comm.connect()
