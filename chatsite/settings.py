@@ -149,7 +149,9 @@ CACHES = {
 
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        # channels_redis's layer, with a receive() that a disconnect always
+        # ends on Python 3.11 (chatsite/channel_layer.py).
+        "BACKEND": "chatsite.channel_layer.RedisChannelLayer",
         "CONFIG": {
             # channels_redis passes each host dict, less "address", to
             # redis.asyncio.ConnectionPool.from_url, hence to every connection.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import pytest_asyncio
 from channels.testing import WebsocketCommunicator
 from django.db import connection
 
@@ -182,10 +184,48 @@ def ws_headers(user) -> list[tuple[bytes, bytes]]:
     return [(b"cookie", f"sessionid={session_cookie(user)}".encode()), (b"origin", b"http://localhost")]
 
 
+# Every socket an async test opens, so that its teardown closes what the test left open.
+_SOCKETS: list[WebsocketCommunicator] = []
+
+
 def communicator(headers: list[tuple[bytes, bytes]]) -> WebsocketCommunicator:
     from chatsite.asgi import application
 
-    return WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+    comm = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
+    _SOCKETS.append(comm)
+    return comm
+
+
+@pytest.fixture(autouse=True)
+def sockets_closed(request):
+    """Every socket an async test leaves open is disconnected, as a server
+    would, on the test's own event loop before that loop closes. A consumer
+    still running when its loop closes is destroyed with channels_redis's
+    `receive()` pending and its `finally` never run: the process-wide layer
+    goes on counting a receiver on a dead loop and refuses every later
+    consumer ("Two event loops are trying to receive() on one channel layer
+    at once!"), so each websocket test after it fails (a CI failure). A
+    consumer that outlives its disconnect is an error of its own test."""
+    if inspect.iscoroutinefunction(request.function):
+        request.getfixturevalue("sockets_disconnected")
+
+
+@pytest_asyncio.fixture
+async def sockets_disconnected():
+    from channels.layers import get_channel_layer
+
+    _SOCKETS.clear()
+    yield
+    while _SOCKETS:
+        comm = _SOCKETS.pop()
+        if not comm.future.done():
+            # What the application raises as it ends is its test's business.
+            with contextlib.suppress(Exception):
+                await comm.disconnect(timeout=5)
+    layer = get_channel_layer()
+    if layer.receive_count:
+        layer.receive_count, layer.receive_lock, layer.receive_event_loop = 0, None, None
+        raise AssertionError("a consumer went on receiving after its socket was disconnected")
 
 
 async def frames_until(comm: WebsocketCommunicator, done, *, timeout: float = 60.0) -> list[dict]:
