@@ -11,6 +11,7 @@ from django.views.decorators.http import require_http_methods
 
 from chat.models import ModelConfig, ModelKind
 from chat.selectors import gpu_status
+from chatsite import queues
 from chatsite.celery import app
 
 
@@ -19,14 +20,14 @@ def gpu_page(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         action = request.POST.get("action")
         if action == "unload":
-            app.signature("workers.tasks.gpu_unload").apply_async()
+            app.signature(queues.GPU_UNLOAD).apply_async()
             messages.info(request, "Unloading every local model: queued behind the messages already waiting.")
         elif action == "load":
             name = request.POST.get("model", "")
             if not ModelConfig.objects.filter(kind=ModelKind.LOCAL, enabled=True, name=name).exists():
                 messages.error(request, f"No enabled local model is named {name!r}.")
             else:
-                app.signature("workers.tasks.gpu_load", args=(name,)).apply_async()
+                app.signature(queues.GPU_LOAD, args=(name,)).apply_async()
                 messages.info(request, f"Loading {name}: queued behind the messages already waiting.")
         else:
             messages.error(request, "Unknown action.")

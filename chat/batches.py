@@ -16,9 +16,10 @@ How lines run:
 - Lines are taken in `rank` order: grouped by the GPU owner their model
   needs, the GPU's current owner first, so a mixed batch changes the GPU's
   owner once per owner rather than once per alternation in the file. The
-  `gpu` queue is FIFO, so no group needs to drain before the next starts.
+  GPU queue (`gpu.<slot>`) is FIFO, so no group needs to drain before the next starts.
 - `batch_advance` moves a batch on. It runs as a task when one of the
-  batch's lines ends (workers.tasks' task_postrun hook), after a cancel, and
+  batch's lines ends (a task_postrun hook in workers/lifecycle.py), after a
+  cancel, and
   from a watchdog while the batch runs (a reply can also end outside a task,
   when a worker's death is noticed). It is idempotent and serialized per batch.
 - The output and error files are written once, from the lines' and their
@@ -42,10 +43,13 @@ from chat.catalog import CatalogError, model_resolve
 from chat.completions import (
     RequestError, chat_request_parse, completion_enqueue, completion_object, error_body, error_status,
 )
+from chat.jsonbody import BadJson, json_value
 from chat.models import (
     BATCH_FINISHED_STATUSES, FINISHED_STATUSES, Batch, BatchFile, BatchLine, BatchStatus, MessageStatus,
 )
+from chatsite import queues
 from chatsite.celery import app
+from chatsite.errors import CodedError
 from chatsite.redis_client import redis_client
 from gpu_manager.state import GpuStateStore
 
@@ -181,7 +185,7 @@ def _ts(moment) -> int | None:
 # --- moving a batch on ------------------------------------------------------
 
 def batch_advance_queue(*, batch_id: str, countdown: float | None = None) -> None:
-    app.signature("workers.tasks.cpu_batch_advance", args=(batch_id,), priority=settings.BATCH_PRIORITY,
+    app.signature(queues.CPU_BATCH_ADVANCE, args=(batch_id,), priority=settings.BATCH_PRIORITY,
                   countdown=countdown).apply_async()
 
 
@@ -284,7 +288,7 @@ def _line_dispatch(batch: Batch, line: BatchLine) -> bool:
         except RequestError as exc:
             # Valid when checked, not now (the model went away): the line ends here.
             BatchLine.objects.filter(pk=line.pk).update(state=BatchLine.State.FAILED, error_code=exc.code,
-                                                        error_message=exc.message)
+                                                        error_message=exc.detail)
             return False
         BatchLine.objects.filter(pk=line.pk).update(message=reply)
     return True
@@ -292,10 +296,8 @@ def _line_dispatch(batch: Batch, line: BatchLine) -> bool:
 
 # --- validation -------------------------------------------------------------
 
-class _Invalid(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
+class _Invalid(CodedError):
+    """A line that cannot run: it ends as an error line with this code."""
 
 
 def _validate(batch: Batch) -> None:
@@ -309,7 +311,7 @@ def _validate(batch: Batch) -> None:
         try:
             _line_check(batch, line, raw, seen, choices)
         except _Invalid as exc:
-            line.state, line.error_code, line.error_message = BatchLine.State.INVALID, exc.code, exc.message
+            line.state, line.error_code, line.error_message = BatchLine.State.INVALID, exc.code, exc.detail
             line.body = None
         lines.append(line)
     too_many = len(lines) > settings.BATCH_MAX_LINES
@@ -340,9 +342,9 @@ def _validate(batch: Batch) -> None:
 def _line_check(batch: Batch, line: BatchLine, raw: str, seen: set, choices: dict) -> None:
     number = line.line
     try:
-        request = json.loads(raw)
-    except ValueError as exc:
-        raise _Invalid("invalid_json", f"Line {number}: not valid JSON ({exc}).") from exc
+        request = json_value(raw, what=f"Line {number}")
+    except BadJson as exc:
+        raise _Invalid("invalid_json", exc.detail) from exc
     if not isinstance(request, dict):
         raise _Invalid("invalid_request", f"Line {number}: a request must be a JSON object.")
     custom_id = request.get("custom_id")
@@ -360,7 +362,7 @@ def _line_check(batch: Batch, line: BatchLine, raw: str, seen: set, choices: dic
     try:
         parsed = chat_request_parse(request.get("body"))
     except RequestError as exc:
-        raise _Invalid("invalid_request", f"Line {number}: {exc.message}") from exc
+        raise _Invalid("invalid_request", f"Line {number}: {exc.detail}") from exc
     if len(parsed.content) > settings.CHAT_MAX_CONTENT_CHARS:
         raise _Invalid("content_too_long", f"Line {number}: the last message is longer than "
                        f"{settings.CHAT_MAX_CONTENT_CHARS} characters.")

@@ -15,14 +15,15 @@ from django.conf import settings
 from django.core.cache import cache
 
 from chat.models import ModelConfig, ModelKind
-from chat.openai_endpoint import OpenAIEndpointError, openai_models
-from gpu_manager.ollama import OllamaError, ollama_tags
+from chatsite.errors import CodedError
+from chatsite.openai_client import OpenAIEndpointError, openai_models
+from chatsite.ollama_client import OllamaError, ollama_tags
 
 PREFIXES = {ModelKind.OLLAMA: "ollama_", ModelKind.OPENAI: "openai_"}
 DEFAULT_GENERATION = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.95}
 
 
-class CatalogError(Exception):
+class CatalogError(CodedError):
     code = "catalog_error"
 
 

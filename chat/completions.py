@@ -13,6 +13,7 @@ from django.db import transaction
 
 from chat import services
 from chat.models import Conversation, Message, MessageStatus
+from chatsite.errors import CodedError
 
 #: Roles a request may carry. `developer` is OpenAI's newer name for
 #: `system`; the models here know only the older one.
@@ -44,16 +45,22 @@ _ERRORS = {
 _OPENAI_CODES = {"unknown_model": "model_not_found", "model_disabled": "model_not_found"}
 
 
-class RequestError(Exception):
-    """A request that cannot be answered, as OpenAI reports it."""
+class RequestError(CodedError):
+    """A request that cannot be answered, as OpenAI reports it: the code and
+    detail, the parameter at fault, the HTTP status (by default the code's)."""
 
-    def __init__(self, code: str, message: str, *, param: str | None = None, status: int | None = None):
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
+    def __init__(self, code: str, detail: str, *, param: str | None = None, status: int | None = None):
+        super().__init__(code, detail)
+        self.param = param
         self.status = status or error_status(code)
 
+    @property
+    def message(self) -> str:
+        """The detail, under OpenAI's name for it."""
+        return self.detail
+
     def body(self) -> dict:
-        return error_body(self.code, self.message, param=self.param)
+        return error_body(self.code, self.detail, param=self.param)
 
 
 def error_status(code: str) -> int:

@@ -2,25 +2,19 @@
 chat services, and relay the events that tasks send to a reply's group."""
 from __future__ import annotations
 
-import json
-
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat import services
+from chat.jsonbody import BadJson, json_object
 from chat.relay import message_group
+from chat.services import ChatInputError
+from chatsite.errors import CodedError
 
 #: Close code for an anonymous socket (CONTRACT §4), after the HTTP 401 it mirrors.
 CLOSE_UNAUTHENTICATED = 4401
 CLIENT_ID_MAX = 100
-
-
-class FrameError(Exception):
-    def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -44,38 +38,32 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             type_ = frame.get("type")
             handler = self.HANDLERS.get(type_) if isinstance(type_, str) else None
             if handler is None:
-                raise FrameError("unknown_type", f"Unknown frame type {_shown(type_)}.")
+                raise ChatInputError("unknown_type", f"Unknown frame type {_shown(type_)}.")
             handler = getattr(self, handler)
             await handler(frame)
-        except (FrameError, services.ChatInputError) as exc:
+        except CodedError as exc:  # a frame that cannot be accepted: the client is told why
             await self.send_json({"type": "chat.error", "message": None, "code": exc.code, "detail": exc.detail})
 
     @staticmethod
     def _decode(text: str | None) -> dict:
         if text is None:
-            raise FrameError("bad_frame", "Frames are JSON text, not binary.")
+            raise ChatInputError("bad_frame", "Frames are JSON text, not binary.")
         try:
-            frame = json.loads(text)
-        except ValueError as exc:
-            raise FrameError("bad_frame", f"Not JSON: {exc}") from exc
-        except RecursionError:
-            # json.loads recurses once per level: a 2 KB frame of "[[[[…" is enough.
-            raise FrameError("bad_frame", "The JSON is nested too deeply.") from None
-        if not isinstance(frame, dict):
-            raise FrameError("bad_frame", "A frame is one JSON object.")
-        return frame
+            return json_object(text, what="The frame")
+        except BadJson as exc:
+            raise ChatInputError("bad_frame", exc.detail) from exc
 
     async def chat_send(self, frame: dict) -> None:
         model, content = frame.get("model"), frame.get("content")
         conversation, client_id = frame.get("conversation"), frame.get("client_id", "")
         if not isinstance(model, str) or not model:
-            raise FrameError("bad_frame", "`model` must be a model name.")
+            raise ChatInputError("bad_frame", "`model` must be a model name.")
         if not isinstance(content, str):
-            raise FrameError("bad_frame", "`content` must be text.")
+            raise ChatInputError("bad_frame", "`content` must be text.")
         if conversation is not None and (isinstance(conversation, bool) or not isinstance(conversation, int)):
-            raise FrameError("bad_frame", "`conversation` must be an id or null.")
+            raise ChatInputError("bad_frame", "`conversation` must be an id or null.")
         if not isinstance(client_id, str) or len(client_id) > CLIENT_ID_MAX or "\x00" in client_id:
-            raise FrameError("bad_frame", f"`client_id` must be text of at most {CLIENT_ID_MAX} characters.")
+            raise ChatInputError("bad_frame", f"`client_id` must be text of at most {CLIENT_ID_MAX} characters.")
 
         def subscribe(message_id: int) -> None:
             # Runs after the commit, before the task is queued: no frame of
@@ -92,7 +80,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def chat_cancel(self, frame: dict) -> None:
         message_id = frame.get("message")
         if isinstance(message_id, bool) or not isinstance(message_id, int):
-            raise FrameError("bad_frame", "`message` must be a message id.")
+            raise ChatInputError("bad_frame", "`message` must be a message id.")
         await database_sync_to_async(services.message_cancel)(user=self.user, message_id=message_id)
 
     # --- events from the channel layer: each is already a client frame -----

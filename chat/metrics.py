@@ -73,7 +73,7 @@ class ServiceCollector(Collector):
         memory = GaugeMetricFamily("gpu_memory_bytes", "The GPU worker's last memory reading.",
                                    labels=["slot", "device", "figure"])
         owner = GaugeMetricFamily("gpu_owner", "1 for the slot's current owner.", labels=["slot", "owner"])
-        for slot in gpu_slots():
+        for slot in gpu_slots(default=settings.GPU_SLOT):
             store = GpuStateStore(slot=slot)
             for field, value in store.counters().items():
                 what, kind = field.split(":", 1)
@@ -92,7 +92,7 @@ class ServiceCollector(Collector):
 
 def _queue_names() -> list[str]:
     routed = {route["queue"] for route in settings.CELERY_TASK_ROUTES.values()}
-    per_gpu = {f"gpu.{slot}" for slot in gpu_slots()}
+    per_gpu = {f"gpu.{slot}" for slot in gpu_slots(default=settings.GPU_SLOT)}
     return sorted(routed | per_gpu | {settings.CELERY_TASK_DEFAULT_QUEUE})
 
 

@@ -15,6 +15,7 @@ import uuid
 import redis
 from django.conf import settings
 
+from chatsite.errors import CodedError
 from chatsite.redis_client import redis_client
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,17 @@ return 0
 """
 
 
-class RateLimited(Exception):
+class RateLimited(CodedError):
     """The user sent too many messages; `retry_after` seconds until the next may go."""
 
+    code = "rate_limited"
+
     def __init__(self, *, limit: int, window: float, retry_after: float):
-        self.limit, self.window, self.retry_after = limit, window, retry_after
         super().__init__(
             f"Too many messages: at most {limit} in {window:g} seconds. "
             f"Try again in {math.ceil(retry_after)} s."
         )
+        self.limit, self.window, self.retry_after = limit, window, retry_after
 
 
 def rate_key(user_id: int) -> str:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from django.conf import settings
+
 from chat.catalog import PREFIXES, catalog_list, default_model_name
 from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus, ModelConfig, ModelKind
-from chat.openai_endpoint import OpenAIEndpointError, openai_models
-from gpu_manager.ollama import OllamaError, ollama_tags
+from chatsite.openai_client import OpenAIEndpointError, openai_models
+from chatsite.ollama_client import OllamaError, ollama_tags
 from gpu_manager.state import GpuStateStore, gpu_slots
 
 
@@ -15,7 +17,7 @@ def gpu_status(*, events_limit: int = 500) -> dict:
     after each transition: the web process holds no model and must not
     probe the device."""
     slots, events = [], []
-    for slot in gpu_slots():
+    for slot in gpu_slots(default=settings.GPU_SLOT):
         store = GpuStateStore(slot=slot)
         state = store.read()
         slot_events = store.events(events_limit)
@@ -36,7 +38,7 @@ def models_available() -> dict:
     """What the picker offers: every model, marked when it is resident now."""
     choices, errors = catalog_list()
     resident = set()
-    for slot in gpu_slots():
+    for slot in gpu_slots(default=settings.GPU_SLOT):
         state = GpuStateStore(slot=slot).read()
         resident.update(state.local_models)
         resident.update(f"ollama_{tag}" for tag in state.ollama_models)
@@ -157,7 +159,8 @@ def model_config_probe(*, config: ModelConfig) -> dict:
         if not weights:
             return {"ok": False, "detail": f"{path} holds no .safetensors or .bin weights", "models": []}
         size = sum((path / w).stat().st_size for w in weights)
-        resident = any(config.name in GpuStateStore(slot=s).read().local_models for s in gpu_slots())
+        resident = any(config.name in GpuStateStore(slot=s).read().local_models
+                       for s in gpu_slots(default=settings.GPU_SLOT))
         state = "resident on the GPU now" if resident else "not loaded now"
         return {"ok": True, "detail": f"{len(weights)} weight file(s), {size:,} bytes; {state}",
                 "models": [config.name]}

@@ -1,8 +1,8 @@
 """HTTP views: the chat page, the conversation, GPU status and model APIs,
-health checks."""
+health checks. The session APIs answer a refused request as
+`{"error": {"code", "detail"}}` (`_error`), and an anonymous caller as
+`{"error": "authentication required"}`."""
 from __future__ import annotations
-
-import json
 
 from django.contrib.auth.decorators import login_required
 from django.db import connection
@@ -13,9 +13,11 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods
 
 from chat import conversations, selectors
+from chat.jsonbody import json_object
 from chat.models import Conversation, Message, MessageStatus
+from chatsite.errors import CodedError
 from chatsite.redis_client import redis_client
-from workers.heartbeat import workers_alive
+from chat.dispatch import workers_alive
 
 
 def api_login_required(view):
@@ -49,22 +51,6 @@ def index(request: HttpRequest, conversation_id: int | None = None) -> HttpRespo
     return render(request, "chat/index.html", {"page_config": page_config})
 
 
-def _json_body(request: HttpRequest) -> dict:
-    try:
-        body = json.loads(request.body or b"{}")
-    except (ValueError, RecursionError):  # RecursionError: nested too deeply
-        body = None
-    if not isinstance(body, dict):
-        raise _BadRequest("bad_json", "The body must be one JSON object.")
-    return body
-
-
-class _BadRequest(Exception):
-    def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code, self.detail = code, detail
-
-
 def _error(status: int, code: str, detail: str) -> JsonResponse:
     return JsonResponse({"error": {"code": code, "detail": detail}}, status=status)
 
@@ -88,8 +74,9 @@ def api_conversation(request: HttpRequest, conversation_id: int) -> HttpResponse
         return HttpResponse(status=204)
     if request.method == "PATCH":
         try:
-            conversations.conversation_rename(conversation=conversation, title=_json_body(request).get("title", ""))
-        except (_BadRequest, conversations.ConversationError) as exc:
+            body = json_object(request.body or b"{}")  # BadJson: code bad_json
+            conversations.conversation_rename(conversation=conversation, title=body.get("title", ""))
+        except CodedError as exc:
             return _error(400, exc.code, exc.detail)
     return JsonResponse({
         "conversation": {"id": conversation.pk, "title": conversation.title},
@@ -110,7 +97,7 @@ def api_message(request: HttpRequest, message_id: int) -> HttpResponse:
     if request.method == "DELETE":
         try:
             return JsonResponse(conversations.exchange_retract(reply=message))
-        except conversations.ConversationError as exc:
+        except CodedError as exc:
             return _error(409, exc.code, exc.detail)
     position = selectors.queue_positions(message_ids=[message.pk]).get(message.pk) \
         if message.status == MessageStatus.QUEUED else None

@@ -2,7 +2,9 @@
 
 Workers (see `chat/management/commands/runstack.py` for the exact lines):
 
-- GPU worker: `-Q gpu -P solo -c 1 --prefetch-multiplier 1`. Solo runs tasks
+- GPU worker: `-Q gpu.<slot> -I workers.gpu_tasks -P solo -c 1
+  --prefetch-multiplier 1`. Only it loads the GPU tasks (`-I`), and with
+  them torch; every worker loads the CPU tasks (CELERY_IMPORTS). Solo runs tasks
   in the worker's main process, so the CUDA context and the loaded models
   live in one process for its whole life (prefork would fork after CUDA init,
   which CUDA forbids, and would split models across children); one task at a
@@ -20,7 +22,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatsite.settings")
 
 app = Celery("chatsite")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["workers"])
 
 
 def _kombu_redis_detached_channel_guard() -> None:

@@ -10,6 +10,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from chatsite import queues
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CHAT_VAR_DIR", BASE_DIR / "var"))
 load_dotenv(BASE_DIR / ".env", override=False)
@@ -193,13 +195,17 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 # Everything that only talks HTTP to Ollama or an OpenAI endpoint runs on the
 # CPU workers. GPU work is queued per GPU, on `gpu.<slot>`, consumed by that
-# GPU's one worker: the sender names the queue (chat/placement.py); this
-# route only catches a GPU task sent without one.
+# GPU's one worker: the sender names the queue (chat/dispatch.py); this
+# route only catches a GPU task sent without one (the admin's load/unload).
+# Names and queues: chatsite/queues.py.
 CELERY_TASK_ROUTES = {
-    "workers.tasks.gpu_*": {"queue": f"gpu.{os.environ.get('GPU_SLOT', '0')}"},
-    "workers.tasks.cpu_*": {"queue": "cpu"},
+    "workers.tasks.gpu_*": {"queue": queues.gpu_queue(os.environ.get("GPU_SLOT", "0"))},
+    "workers.tasks.cpu_*": {"queue": queues.CPU_QUEUE},
 }
-CELERY_TASK_DEFAULT_QUEUE = "cpu"
+CELERY_TASK_DEFAULT_QUEUE = queues.CPU_QUEUE
+# Every worker loads the CPU tasks; the GPU worker adds the GPU ones with
+# `-I workers.gpu_tasks`, so that no other process imports torch.
+CELERY_IMPORTS = (queues.CPU_TASK_MODULE,)
 # Acknowledge after the task ran, so a message is not lost when a worker dies
 # mid-task; one message reserved at a time, so the GPU worker never holds a
 # second request that the solo pool could not start anyway (Celery
@@ -217,7 +223,7 @@ CHAT_TASK_SOFT_TIME_LIMIT = int(os.environ.get("CHAT_TASK_SOFT_TIME_LIMIT", 600)
 CELERY_TASK_SOFT_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT + 60
 #: Since no pool enforces the limits above, generation enforces its own:
-#: seconds from when a run claims a reply (chat/generation.py reply_claim;
+#: seconds from when a run claims a reply (chat/dispatch.py reply_claim;
 #: for a local model, before its GPU switch) after which the local model
 #: stops at its next token and an Ollama or OpenAI stream is closed at its
 #: next chunk. The reply keeps what was written and ends as a cut-off
@@ -280,7 +286,7 @@ GPU_LOCAL_BUDGET_BYTES = int(os.environ.get("GPU_LOCAL_BUDGET_BYTES", 0))
 #: How often the GPU worker looks for idle models and dead lease holders.
 GPU_HOUSEKEEPING_SECONDS = float(os.environ.get("GPU_HOUSEKEEPING_SECONDS", 5.0))
 #: CONTRACT §5 asks for at least the last 500 transitions.
-GPU_EVENTS_KEPT = 1000
+GPU_EVENTS_KEPT = int(os.environ.get("GPU_EVENTS_KEPT", 1000))
 #: A reply still `queued` after this many seconds whose task is in no queue
 #: (Redis came back empty and took it) is queued again by the GPU workers'
 #: housekeeping (chat.services.replies_redispatch_lost). Far above the time

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from chatsite.errors import CodedError
 from gpu_manager.memory import memory_release
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class GenerationResult:
     finish_reason: str  # "stop" | "length" | "cancelled"
 
 
-class EngineLoadError(Exception):
+class EngineLoadError(CodedError):
     code = "model_load_failed"
 
 

@@ -16,7 +16,7 @@ Keys, per slot S:  gpu:slot:S:leases  zset  message id -> expiry (Unix time)
 A claim (`Claims`) is the other kind of lease here: one key per claimed
 thing, held by at most one holder at a time (`SET key token NX PX ttl`),
 renewed and released only by the holder whose token it still stores. The
-chat uses it so that only one run streams a reply (chat/generation.py,
+chat uses it so that only one run streams a reply (chat/dispatch.py,
 `reply_claim`). `Keeper` keeps either kind alive while its holder works.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Callable
 
 from redis.exceptions import RedisError
 
+from chatsite.errors import CodedError
 from chatsite.redis_client import redis_client
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ return 0
 """
 
 
-class LeaseLost(Exception):
+class LeaseLost(CodedError):
     """The lease expired (or was reaped) while its holder still ran."""
 
     code = "gpu_lease_lost"

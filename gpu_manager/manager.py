@@ -2,7 +2,7 @@
 
 It is built lazily by the first GPU task (never at import: no device probing
 on import), holds the local engines, and makes every ownership change in the
-order the `gpu` queue delivers them. The state machine and its invariants
+order its queue `gpu.<slot>` delivers them. The state machine and its invariants
 are in docs/gpu-arbitration.md; in short:
 
 - a local model is requested: if the GPU was not the local models', wait
@@ -33,11 +33,12 @@ from typing import Callable
 import torch
 from django.conf import settings
 
+from chatsite.errors import CodedError
+from chatsite.ollama_client import OllamaUnavailable, ollama_unload_all
 from gpu_manager.engines import EngineLoadError, LocalEngine
 from gpu_manager.leases import Leases
 from gpu_manager.memory import memory_snapshot
-from gpu_manager.ollama import OllamaUnavailable, ollama_unload_all
-from gpu_manager.state import GpuState, GpuStateStore
+from gpu_manager.state import GpuState, GpuStateStore, LocalSpec
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,30 @@ def _ignore(phase: str, payload: dict) -> None:
     pass
 
 
-class LeaseWaitTimeout(Exception):
+class LeaseWaitTimeout(CodedError):
     code = "gpu_busy"
 
 
 @dataclass(frozen=True)
-class LocalSpec:
-    """What the manager needs to know of a local model (from the admin)."""
+class Timings:
+    """The manager's waits, read from settings once, when it is built
+    (chatsite/settings.py says where each value comes from)."""
 
-    name: str
-    path: str
-    keep_alive: float = 0.0
-    warm_offload: bool = False
+    #: A granted Ollama lease lives this long until its generation renews it.
+    lease_pending_ttl: float = 120.0
+    #: How long a local model waits for Ollama generations to let go.
+    lease_wait_timeout: float = 900.0
+    lease_poll: float = 0.05
+    #: How long Ollama gets to show its memory released after an unload.
+    ollama_unload_timeout: float = 15.0
+    ollama_unload_poll: float = 0.05
+
+    @classmethod
+    def from_settings(cls) -> "Timings":
+        return cls(lease_pending_ttl=settings.GPU_LEASE_PENDING_TTL,
+                   lease_wait_timeout=settings.GPU_LEASE_WAIT_TIMEOUT, lease_poll=settings.GPU_LEASE_POLL,
+                   ollama_unload_timeout=settings.OLLAMA_UNLOAD_TIMEOUT,
+                   ollama_unload_poll=settings.OLLAMA_UNLOAD_POLL)
 
 
 def _transition(method):
@@ -79,8 +92,9 @@ def _transition(method):
 
 class GpuManager:
     def __init__(self, *, slot: str, device: str, store: GpuStateStore, leases: Leases,
-                 budget_bytes: int = 0):
+                 budget_bytes: int = 0, timings: Timings = Timings()):
         self.slot = slot
+        self.timings = timings
         self.device = device
         self.store = store
         self.leases = leases
@@ -100,8 +114,9 @@ class GpuManager:
         device = settings.GPU_DEVICE
         if device == "auto":
             device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        return cls(slot=settings.GPU_SLOT, device=device, store=GpuStateStore(slot=settings.GPU_SLOT),
-                   leases=Leases(slot=settings.GPU_SLOT), budget_bytes=settings.GPU_LOCAL_BUDGET_BYTES)
+        store = GpuStateStore(slot=settings.GPU_SLOT, events_kept=settings.GPU_EVENTS_KEPT)
+        return cls(slot=settings.GPU_SLOT, device=device, store=store, leases=Leases(slot=settings.GPU_SLOT),
+                   budget_bytes=settings.GPU_LOCAL_BUDGET_BYTES, timings=Timings.from_settings())
 
     # --- queries ------------------------------------------------------------
 
@@ -232,7 +247,7 @@ class GpuManager:
         if owner == "ollama" and holder is not None:
             # Long enough for the generation to be picked up by a CPU worker;
             # once it streams it renews with the shorter GPU_LEASE_TTL.
-            self.leases.grant(holder, ttl=settings.GPU_LEASE_PENDING_TTL)
+            self.leases.grant(holder, ttl=self.timings.lease_pending_ttl)
         return state
 
     @_transition
@@ -326,7 +341,7 @@ class GpuManager:
     def _leases_wait(self, on_event: EventSink) -> None:
         """Wait until no Ollama generation holds the GPU. A holder that died
         stops holding it when its lease expires; its reply is then failed."""
-        deadline = time.monotonic() + settings.GPU_LEASE_WAIT_TIMEOUT
+        deadline = time.monotonic() + self.timings.lease_wait_timeout
         announced = False
         while True:
             self.reap_leases()
@@ -338,14 +353,14 @@ class GpuManager:
                 announced = True
             if time.monotonic() > deadline:
                 raise LeaseWaitTimeout(f"Ollama generations {live} still hold GPU slot {self.slot}")
-            time.sleep(settings.GPU_LEASE_POLL)
+            time.sleep(self.timings.lease_poll)
 
     def _unload_ollama(self, ollama_urls: list[str], on_event: EventSink) -> None:
         for url in ollama_urls:
             on_event("unloading_ollama", {"endpoint": url})
             try:
-                result = ollama_unload_all(url, timeout=settings.OLLAMA_UNLOAD_TIMEOUT,
-                                           poll=settings.OLLAMA_UNLOAD_POLL)
+                result = ollama_unload_all(url, timeout=self.timings.ollama_unload_timeout,
+                                           poll=self.timings.ollama_unload_poll)
             except OllamaUnavailable as exc:
                 # A server that does not answer cannot be asked to unload;
                 # failing here would make a down Ollama block every local

@@ -19,8 +19,6 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-from django.conf import settings
-
 from chatsite.redis_client import redis_client
 
 OWNERS = ("none", "local", "ollama", "openai")
@@ -37,8 +35,23 @@ return current + 1
 """
 
 
+#: Transitions kept in a slot's event list: CONTRACT §5 asks for at least
+#: the last 500 (GPU_EVENTS_KEPT in chatsite/settings.py).
+EVENTS_KEPT = 1000
+
+
 class StaleState(Exception):
     """Another writer changed the state since it was read."""
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """What the manager needs to know of a local model (from the admin)."""
+
+    name: str
+    path: str
+    keep_alive: float = 0.0
+    warm_offload: bool = False
 
 
 @dataclass
@@ -55,8 +68,9 @@ class GpuState:
 
 
 class GpuStateStore:
-    def __init__(self, *, slot: str):
+    def __init__(self, *, slot: str, events_kept: int = EVENTS_KEPT):
         self.slot = slot
+        self.events_kept = events_kept
         self.key = f"gpu:slot:{slot}"
         self.events_key = f"{self.key}:events"
         self.memory_key = f"{self.key}:memory"
@@ -97,7 +111,7 @@ class GpuStateStore:
         counters behind /metrics are not)."""
         pipe = self._redis.pipeline()
         pipe.rpush(self.events_key, json.dumps(event))
-        pipe.ltrim(self.events_key, -settings.GPU_EVENTS_KEPT, -1)
+        pipe.ltrim(self.events_key, -self.events_kept, -1)
         pipe.hincrby(f"{self.key}:counters", f"count:{event['kind']}", 1)
         if event.get("freed_bytes", 0) > 0:
             pipe.hincrby(f"{self.key}:counters", f"freed:{event['kind']}", int(event["freed_bytes"]))
@@ -134,5 +148,7 @@ class GpuStateStore:
         return [json.loads(e) for e in self._redis.lrange(self.events_key, -limit, -1)]
 
 
-def gpu_slots() -> list[str]:
-    return sorted(redis_client().smembers("gpu:slots")) or [settings.GPU_SLOT]
+def gpu_slots(*, default: str) -> list[str]:
+    """Every slot that has written a state; `default` (this deployment's
+    GPU_SLOT) before any has."""
+    return sorted(redis_client().smembers("gpu:slots")) or [default]

@@ -3,7 +3,6 @@ JSON bodies, and errors turned into OpenAI's envelope and status."""
 from __future__ import annotations
 
 import functools
-import json
 
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, JsonResponse
@@ -11,6 +10,8 @@ from django.utils.decorators import iscoroutinefunction, markcoroutinefunction
 
 from chat.api.keys import api_key_user
 from chat.completions import RequestError, error_body
+from chat.jsonbody import BadJson, json_object
+from chatsite.errors import CodedError
 
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
           "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). Create one with "
@@ -18,20 +19,20 @@ NO_KEY = ("You didn't provide an API key. You need to provide your API key in an
 BAD_KEY = "Incorrect API key provided."
 
 
-def error_response(exc: RequestError) -> JsonResponse:
+def error_response(exc: CodedError) -> JsonResponse:
+    """OpenAI's error body and status for a RequestError, or for any other
+    coded error under its own code."""
+    if not isinstance(exc, RequestError):
+        exc = RequestError(exc.code, exc.detail)
     return JsonResponse(exc.body(), status=exc.status)
 
 
 def json_body(request: HttpRequest) -> dict:
+    """The request's JSON object; `invalid_request` otherwise."""
     try:
-        body = json.loads(request.body or b"null")
-    except ValueError as exc:
-        raise RequestError("invalid_request", f"The body is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise RequestError("invalid_request", "The body's JSON is nested too deeply.") from None
-    if not isinstance(body, dict):
-        raise RequestError("invalid_request", "The body must be a JSON object.")
-    return body
+        return json_object(request.body or b"null")
+    except BadJson as exc:
+        raise RequestError("invalid_request", exc.detail) from exc
 
 
 def _bearer(request: HttpRequest) -> str | None:
@@ -46,9 +47,9 @@ def _key_error(request: HttpRequest) -> RequestError:
 
 def api_view(*methods: str):
     """An API view: answers only `methods`, sets `request.user` from the API
-    key (401 without a live one), and answers a RequestError raised inside
-    with OpenAI's error body. Works for sync and async views; CSRF does not
-    apply to a Bearer-authenticated API."""
+    key (401 without a live one), and answers a coded error raised inside
+    (a RequestError, mostly) with OpenAI's error body. Works for sync and
+    async views; CSRF does not apply to a Bearer-authenticated API."""
 
     def check_method(request: HttpRequest) -> None:
         if request.method not in methods:
@@ -66,7 +67,7 @@ def api_view(*methods: str):
                         raise _key_error(request)
                     request.user = user
                     return await view(request, *args, **kwargs)
-                except RequestError as exc:
+                except CodedError as exc:
                     return error_response(exc)
         else:
             def wrapped(request: HttpRequest, *args, **kwargs):
@@ -78,7 +79,7 @@ def api_view(*methods: str):
                         raise _key_error(request)
                     request.user = user
                     return view(request, *args, **kwargs)
-                except RequestError as exc:
+                except CodedError as exc:
                     return error_response(exc)
         wrapped = functools.wraps(view)(wrapped)
         if iscoroutinefunction(view):

@@ -40,7 +40,7 @@ class Command(BaseCommand):
         try:
             getattr(self, options["action"])(**options)
         except RequestError as exc:
-            raise CommandError(exc.message) from exc
+            raise CommandError(exc.detail) from exc
 
     def submit(self, *, file: Path, user: str | None, wait: bool, **_):
         owner = self._user(user)

@@ -13,6 +13,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from chatsite import queues
 from chatsite.redis_server import PrivateRedis, RedisServerError, port_is_free
 
 #: Seconds a child gets to finish after SIGTERM before SIGKILL. A GPU worker
@@ -45,12 +46,12 @@ def stack_commands(*, host: str, port: int) -> list[tuple[str, list[str]]]:
             "--host", host, "--port", str(port), "--ws", "websockets-sansio", "--lifespan", "off",
         ]),
         ("gpu-worker", [
-            python, "-m", "celery", "-A", "chatsite", "worker", "-Q", f"gpu.{settings.GPU_SLOT}",
-            "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "-n", "gpu@%h",
+            python, "-m", "celery", "-A", "chatsite", "worker", "-Q", queues.gpu_queue(settings.GPU_SLOT),
+            "-I", queues.GPU_TASK_MODULE, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "-n", "gpu@%h",
             "--loglevel", "INFO",
         ]),
         ("cpu-worker", [
-            python, "-m", "celery", "-A", "chatsite", "worker", "-Q", "cpu",
+            python, "-m", "celery", "-A", "chatsite", "worker", "-Q", queues.CPU_QUEUE,
             "-P", "threads", "-c", "16", "-n", "cpu@%h", "--loglevel", "INFO",
         ]),
     ]

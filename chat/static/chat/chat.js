@@ -14,7 +14,7 @@ setCsrfToken(config.csrf_token);
 const CLOSE_UNAUTHENTICATED = 4401; // CONTRACT §4: anonymous sockets are closed with it
 const RECONNECT_MIN_MS = 500;
 const RECONNECT_MAX_MS = 5000;
-// The worker saves a streaming reply about once a second (chat/generation.py).
+// The worker saves a streaming reply about once a second (workers/replies.py).
 const POLL_MS = 1000;
 // Frames for messages not on the page (another conversation, or one still
 // loading) are kept for when it is opened; bounded, oldest message first out.

@@ -9,7 +9,43 @@
 // lists, GFM tables, rules, and inline code, emphasis, strikethrough, links
 // and bare URLs. It re-renders the whole reply on every frame, so it keeps no
 // state between calls.
-import { highlight } from "./syntax.js";
+//
+// Fenced code is highlighted by highlight.js, vendored and pinned under
+// vendor/highlight/ (`make vendor-js`), with one grammar per language; a
+// language it does not know, or no language, is shown plain.
+import hljs from "./vendor/highlight/core.min.js";
+import bash from "./vendor/highlight/languages/bash.min.js";
+import c from "./vendor/highlight/languages/c.min.js";
+import cpp from "./vendor/highlight/languages/cpp.min.js";
+import csharp from "./vendor/highlight/languages/csharp.min.js";
+import css from "./vendor/highlight/languages/css.min.js";
+import diff from "./vendor/highlight/languages/diff.min.js";
+import go from "./vendor/highlight/languages/go.min.js";
+import ini from "./vendor/highlight/languages/ini.min.js";
+import java from "./vendor/highlight/languages/java.min.js";
+import javascript from "./vendor/highlight/languages/javascript.min.js";
+import json from "./vendor/highlight/languages/json.min.js";
+import kotlin from "./vendor/highlight/languages/kotlin.min.js";
+import markdown from "./vendor/highlight/languages/markdown.min.js";
+import php from "./vendor/highlight/languages/php.min.js";
+import python from "./vendor/highlight/languages/python.min.js";
+import rust from "./vendor/highlight/languages/rust.min.js";
+import scala from "./vendor/highlight/languages/scala.min.js";
+import shell from "./vendor/highlight/languages/shell.min.js";
+import sql from "./vendor/highlight/languages/sql.min.js";
+import swift from "./vendor/highlight/languages/swift.min.js";
+import typescript from "./vendor/highlight/languages/typescript.min.js";
+import xml from "./vendor/highlight/languages/xml.min.js";
+import yaml from "./vendor/highlight/languages/yaml.min.js";
+
+// The same list as HLJS_LANGUAGES in the Makefile. Each grammar brings its
+// own aliases (py, js, ts, sh, golang, rs, c++, html, yml, toml, patch…).
+for (const [name, grammar] of Object.entries({
+  bash, c, cpp, csharp, css, diff, go, ini, java, javascript, json, kotlin, markdown, php, python, rust,
+  scala, shell, sql, swift, typescript, xml, yaml,
+})) {
+  hljs.registerLanguage(name, grammar);
+}
 
 // Nesting deeper than this (quotes in lists in quotes…) is shown flat: a
 // reply must not be able to recurse the renderer into the ground.
@@ -167,6 +203,51 @@ function table(lines, start, parent) {
   wrap.append(tableEl);
   parent.append(wrap);
   return i;
+}
+
+// highlight.js returns the code as HTML in which every character of the code
+// is escaped and only <span class="hljs-…"> elements are added. That HTML is
+// parsed in an inert document (DOMParser runs no script and loads nothing),
+// and only the spans, their hljs class names and the text are carried into
+// the page: even a highlighter bug could not put markup from a reply there.
+const HLJS_CLASS_RE = /^(?:hljs-[\w-]+|language-[\w-]+|\w+_)$/;
+
+function highlight(code, lang) {
+  const fragment = document.createDocumentFragment();
+  const name = String(lang || "").toLowerCase();
+  let html = null;
+  if (name && hljs.getLanguage(name)) {
+    try {
+      html = hljs.highlight(code, { language: name, ignoreIllegals: true }).value;
+    } catch {
+      html = null; // a grammar that throws: the code is still shown, plain
+    }
+  }
+  if (html === null) {
+    fragment.append(code);
+    return fragment;
+  }
+  // In a <div>, unlike at the start of <body> or in a <pre>, leading
+  // newlines and spaces are kept.
+  const doc = new DOMParser().parseFromString(`<!doctype html><body><div>${html}</div>`, "text/html");
+  copySpans(doc.body.firstChild, fragment);
+  return fragment;
+}
+
+function copySpans(from, to) {
+  for (const node of from.childNodes) {
+    if (node.nodeType === Node.TEXT_NODE) {
+      to.append(node.data);
+    } else if (node.nodeName === "SPAN") {
+      const span = document.createElement("span");
+      const classes = (node.getAttribute("class") || "").split(/\s+/).filter((c) => HLJS_CLASS_RE.test(c));
+      if (classes.length) span.className = classes.join(" ");
+      copySpans(node, span);
+      to.append(span);
+    } else {
+      to.append(node.textContent); // not something highlight.js makes: its text only
+    }
+  }
 }
 
 function codeBlock(code, lang) {

@@ -16,8 +16,10 @@ import httpx
 import ollama
 from django.conf import settings
 
+from chatsite.errors import CodedError
 
-class OllamaError(Exception):
+
+class OllamaError(CodedError):
     code = "ollama_error"
 
 

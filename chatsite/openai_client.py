@@ -11,8 +11,10 @@ import httpx
 import openai
 from django.conf import settings
 
+from chatsite.errors import CodedError
 
-class OpenAIEndpointError(Exception):
+
+class OpenAIEndpointError(CodedError):
     code = "upstream_error"
 
 
