@@ -30,7 +30,10 @@ run: setup
 
 # The suite runs on SQLite; when DATABASE_URL points at a PostgreSQL server
 # (.ci/run sets it where one answers), it runs again there.
+# The layers' import contracts (.importlinter) first: seconds, and a broken
+# layer is a design error, not a flaky test.
 test: setup browser compose-tool
+	$(BIN)/lint-imports
 	env -u DATABASE_URL $(BIN)/python -m pytest
 	@case "$${DATABASE_URL:-}" in postgres*) 	  echo "== the suite again, on PostgreSQL"; $(BIN)/python -m pytest;; esac
 
@@ -83,3 +86,30 @@ bench: setup
 .PHONY: soak
 soak: setup
 	env -u DATABASE_URL $(BIN)/python -m pytest tests/soak_chat.py -q -s -p no:cacheprovider
+
+# highlight.js (code blocks in replies, chat/static/chat/markdown.js) is
+# vendored: the page and the tests use the committed files under
+# $(HLJS_DIR) and never need npm. This target refreshes them from the npm
+# registry's @highlightjs/cdn-assets (the pre-built ES modules: the core and
+# one file per language; the languages markdown.js imports, no others). To
+# upgrade, change HLJS_VERSION and HLJS_INTEGRITY (`npm view
+# @highlightjs/cdn-assets@VERSION dist.integrity`), run `make vendor-js`, and
+# commit the result. Needs npm (and its node).
+HLJS_VERSION := 11.12.0
+HLJS_INTEGRITY := sha512-KvOKXODaiFmId9xaq3xc5xCL66wVLUuOngDbO9B/kewbFTqdGbn2nJxNhN3H5R1cgDTVj6R8vH0zgiNDEGjpDw==
+HLJS_LANGUAGES := bash c cpp csharp css diff go ini java javascript json kotlin markdown php python rust \
+  scala shell sql swift typescript xml yaml
+HLJS_DIR := chat/static/chat/vendor/highlight
+.PHONY: vendor-js
+vendor-js:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	tarball=$$(cd "$$tmp" && npm pack --silent @highlightjs/cdn-assets@$(HLJS_VERSION)); \
+	got=sha512-$$(node -e 'process.stdout.write(require("crypto").createHash("sha512").update(require("fs").readFileSync(process.argv[1])).digest("base64"))' "$$tmp/$$tarball"); \
+	test "$$got" = "$(HLJS_INTEGRITY)" || { echo "integrity mismatch: $$got" >&2; exit 1; }; \
+	tar -xzf "$$tmp/$$tarball" -C "$$tmp"; \
+	rm -rf $(HLJS_DIR); mkdir -p $(HLJS_DIR)/languages; \
+	cp "$$tmp/package/LICENSE" "$$tmp/package/es/core.min.js" $(HLJS_DIR)/; \
+	for lang in $(HLJS_LANGUAGES); do cp "$$tmp/package/es/languages/$$lang.min.js" $(HLJS_DIR)/languages/; done; \
+	printf '@highlightjs/cdn-assets@%s (%s), es/core.min.js and es/languages/*.min.js: `make vendor-js`\n' \
+	  "$(HLJS_VERSION)" "$(HLJS_INTEGRITY)" > $(HLJS_DIR)/VERSION; \
+	echo "vendored highlight.js $(HLJS_VERSION) into $(HLJS_DIR)"
