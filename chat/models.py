@@ -206,7 +206,7 @@ class BatchFile(models.Model):
 
 
 class BatchStatus(models.TextChoices):
-    # OpenAI's batch statuses (FIELD-NOTES "OpenAI Batch API").
+    # OpenAI's batch statuses (https://platform.openai.com/docs/api-reference/batch/object).
     VALIDATING = "validating"
     FAILED = "failed"
     IN_PROGRESS = "in_progress"

@@ -9,7 +9,7 @@ import logging
 import time
 
 #: The reply a piece of code works on; set by the task boundary
-#: (workers/base.py) for everything a task logs.
+#: (workers/base.py MessageTask) for everything a task logs.
 message_id_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("message_id", default=None)
 
 

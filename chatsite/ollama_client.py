@@ -97,7 +97,8 @@ def ollama_unload_all(base_url: str, *, timeout: float, poll: float) -> UnloadRe
     """Unload every model `/api/ps` lists and wait until it lists none.
 
     Ollama has no unload-all, and it answers `keep_alive: 0` before the memory
-    is free, so the only proof is `/api/ps` coming back empty (FIELD-NOTES).
+    is free, so the only proof is `/api/ps` coming back empty (docs/api.md in
+    https://github.com/ollama/ollama, "Unload a model" and "List running models").
     """
     started = time.monotonic()
     loaded = ollama_ps(base_url)

@@ -209,7 +209,7 @@ CELERY_IMPORTS = (queues.CPU_TASK_MODULE,)
 # Acknowledge after the task ran, so a message is not lost when a worker dies
 # mid-task; one message reserved at a time, so the GPU worker never holds a
 # second request that the solo pool could not start anyway (Celery
-# "Prefetch limits" docs; FIELD-NOTES "Celery GPU worker").
+# "Prefetch limits": https://docs.celeryq.dev/en/stable/userguide/optimizing.html#prefetch-limits).
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Generation limits. Celery enforces these in the prefork pool only: the solo
@@ -267,7 +267,8 @@ OLLAMA_GPU_SLOT = os.environ.get("OLLAMA_GPU_SLOT", "0")
 #: "auto" = cuda when available, else cpu.
 GPU_DEVICE = os.environ.get("GPU_DEVICE", "auto")
 #: Ollama answers an unload before its VRAM is free; poll /api/ps this long
-#: (its own server waits up to 5 s for VRAM to come back: FIELD-NOTES).
+#: (its own scheduler waits up to 5 s for VRAM to come back: server/sched.go
+#: in https://github.com/ollama/ollama).
 OLLAMA_UNLOAD_TIMEOUT = float(os.environ.get("OLLAMA_UNLOAD_TIMEOUT", 15.0))
 OLLAMA_UNLOAD_POLL = 0.05
 #: An Ollama generation renews its GPU lease every TTL/3 while it streams; a
@@ -300,7 +301,8 @@ DEMO_MODEL_DIR = Path(os.environ.get("DEMO_MODEL_DIR", VAR_DIR / "models" / "loc
 
 CHAT_MAX_CONTENT_CHARS = int(os.environ.get("CHAT_MAX_CONTENT_CHARS", 32_000))
 #: Deltas are flushed to the socket at most this often (seconds): one
-#: group_send costs ~1.7 ms (FIELD-NOTES), so one per token would cost more
+#: group_send from a worker thread costs ~1.7 ms on 2 cores (channels_redis;
+#: docs/BENCHMARKS.md has the streaming figures), so one per token would cost more
 #: than a tiny model's token; 40 ms still reads as smooth streaming.
 CHAT_DELTA_FLUSH_SECONDS = 0.04
 #: A cancel flag outlives any generation (seconds).
@@ -348,7 +350,7 @@ BATCH_PRIORITY = 9
 #: CPU worker's threads, so external lines keep it busy, while a cancel, an
 #: Ollama lease wait and an interactive message behind a batch stay short.
 BATCH_MAX_IN_FLIGHT = int(os.environ.get("BATCH_MAX_IN_FLIGHT", 16))
-#: OpenAI's limits for one batch input (FIELD-NOTES "OpenAI Batch API").
+#: OpenAI's limits for one batch input (https://platform.openai.com/docs/guides/batch).
 BATCH_MAX_LINES = 50_000
 BATCH_MAX_FILE_BYTES = 200 * 1024 * 1024
 #: While a batch runs, it is looked at this often (seconds) even if none of

@@ -58,7 +58,7 @@ def memory_release(device: str, *, collect: bool = True) -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         # Pinned host blocks (warm offload) stay cached by torch's host
-        # allocator until asked (FIELD-NOTES "Pinned pitfalls").
+        # allocator until asked (torch.accelerator.empty_host_cache, PyTorch 2.13).
         torch.accelerator.empty_host_cache()
     _malloc_trim()
 

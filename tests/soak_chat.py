@@ -28,9 +28,10 @@ from django.db import connection
 from chat.catalog import catalog_forget
 from chat.models import FINISHED_STATUSES, Message, ModelConfig
 from gpu_manager.state import GpuStateStore
-from tests import conftest
-from tests.conftest import ROOT, session_cookie
-from tests.webserver import WebServer, receive
+from tests.support import ROOT
+from tests.support.sockets import receive, session_cookie
+from tests.support.web import WebServer
+from tests.support.workers import test_database_url
 
 SOCKETS = int(os.environ.get("SOAK_SOCKETS", 100))
 SECONDS = float(os.environ.get("SOAK_SECONDS", 60))
@@ -152,7 +153,7 @@ def test_soak(django_user_model, demo_model, workers, stack):
         fake.reply, fake.token_delay = REPLY, 0.005
     sessions = [session_cookie(django_user_model.objects.create_user(f"soak{i}", password="pw-soak-123"))
                 for i in range(USERS)]
-    web = WebServer(log_dir=stack.var, database_url=conftest.test_database_url(connection.settings_dict))
+    web = WebServer(log_dir=stack.var, database_url=test_database_url(connection.settings_dict))
     web.start()
     store = GpuStateStore(slot=settings.GPU_SLOT)
     events_before = len(store.events(settings.GPU_EVENTS_KEPT))

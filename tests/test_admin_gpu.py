@@ -3,7 +3,7 @@ import pytest
 from django.conf import settings
 
 from gpu_manager.state import GpuStateStore
-from tests.conftest import wait_for
+from tests.support.waiting import wait_for
 
 
 def store() -> GpuStateStore:

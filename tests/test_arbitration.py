@@ -15,7 +15,8 @@ from django.conf import settings
 from chat.catalog import catalog_list
 from chat.models import Message, MessageStatus, ModelConfig
 from gpu_manager.state import GpuStateStore
-from tests.conftest import communicator, ends, frames_until, send_and_finish, wait_for
+from tests.support.sockets import communicator, ends, frames_until, send_and_finish
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from chat.models import Conversation, Message, ModelConfig
-from chat.services import cancel_requested
-from tests.conftest import communicator
+from chat.dispatch import cancel_requested
+from tests.support.sockets import communicator
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -17,10 +17,8 @@ from chat import batches
 from chat.catalog import model_resolve
 from chat.models import Batch, BatchFile, BatchLine, Message, ModelConfig
 from gpu_manager.state import GpuStateStore
-from tests.api_server import (  # noqa: F401  (fixtures)
-    api, api_key, api_server, jsonl, request_line, switches_since, wait_batch,
-)
-from tests.conftest import wait_for
+from tests.support.api import jsonl, request_line, switches_since, wait_batch
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

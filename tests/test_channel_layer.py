@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from channels.layers import get_channel_layer
 
-from tests.conftest import communicator
+from tests.support.sockets import communicator
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 

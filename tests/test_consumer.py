@@ -7,7 +7,7 @@ import json
 import pytest
 
 from chat.models import Message
-from tests.conftest import communicator, send_and_finish
+from tests.support.sockets import communicator, send_and_finish
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 

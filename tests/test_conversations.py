@@ -10,7 +10,7 @@ from django.test import Client
 from django.utils import timezone
 
 from chat.models import Conversation, Message
-from chat.services import cancel_key, cancel_requested
+from chat.dispatch import cancel_key, cancel_requested
 from chatsite.redis_client import redis_client
 
 pytestmark = pytest.mark.django_db

@@ -109,7 +109,7 @@ def test_private_redis_answers_and_frees_its_port(tmp_path):
     finally:
         server.stop()
     assert port_is_free(server.port)
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
 

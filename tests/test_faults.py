@@ -19,13 +19,17 @@ import pytest_asyncio
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from chat.catalog import catalog_forget, catalog_list
 from chat.models import FINISHED_STATUSES, Message, MessageStatus, ModelConfig
 from gpu_manager.leases import Leases
 from gpu_manager.state import GpuStateStore
-from tests.conftest import communicator, ends, frames_until, send_and_finish, wait_for
+from tests.support.sockets import communicator, ends, frames_until, send_and_finish, session_cookie
+from tests.support.waiting import eventually
+from tests.support.web import WebServer
+from tests.support.workers import test_database_url
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 
@@ -37,13 +41,6 @@ READ_TIMEOUT = 2.0
 #: How long a failed reply may take to end, from the send: the fault's own
 #: timeout (if any) plus queueing and a GPU switch on a loaded machine.
 END_WITHIN = 15.0
-
-
-async def eventually(predicate, *, timeout: float, what: str):
-    """wait_for from a coroutine, in a thread of its own: not in the one
-    thread that sync_to_async shares with the consumer's database calls,
-    which it would hold up for the whole wait."""
-    return await sync_to_async(wait_for, thread_sensitive=False)(predicate, timeout=timeout, what=what)
 
 
 def store() -> GpuStateStore:
@@ -392,10 +389,6 @@ async def test_web_process_restarted_while_a_reply_streams(user, small_demo, wor
     """uvicorn killed mid-reply and started again: the worker goes on, the
     page reconnects, and the reply reaches it (live if it still streams,
     else from the database), whole and once."""
-    from tests.conftest import session_cookie, test_database_url
-    from tests.webserver import WebServer, frames_until as ws_frames_until
-    from django.db import connection
-
     # ~8 s of Ollama streaming: still running when the new process answers,
     # unless the machine is very loaded, in which case the database has it.
     stack.ollama.reply = " ".join(f"w{i}" for i in range(800))
@@ -407,15 +400,15 @@ async def test_web_process_restarted_while_a_reply_streams(user, small_demo, wor
         async with web.socket(session) as ws:
             await ws.send(json.dumps({"type": "chat.send", "model": "ollama_qwen:7b", "content": "long",
                                       "client_id": "long"}))
-            accepted = (await ws_frames_until(ws, lambda f: f["type"] == "chat.accepted"))[-1]
-            before = await ws_frames_until(ws, lambda f: f["type"] == "chat.delta")
+            accepted = (await frames_until(ws, lambda f: f["type"] == "chat.accepted"))[-1]
+            before = await frames_until(ws, lambda f: f["type"] == "chat.delta")
             await sync_to_async(web.kill)()
         killed = time.monotonic()
         await sync_to_async(web.start, thread_sensitive=False)()
         async with web.socket(session) as ws:
             reply = await Message.objects.aget(pk=accepted["message"])
             if not reply.is_finished:  # it is this socket's now (subscribed on connect)
-                after = await ws_frames_until(ws, ends(accepted["message"]), timeout=END_WITHIN + 10)
+                after = await frames_until(ws, ends(accepted["message"]), timeout=END_WITHIN + 10)
             else:
                 after = []
             reply = await Message.objects.aget(pk=accepted["message"])
@@ -428,8 +421,8 @@ async def test_web_process_restarted_while_a_reply_streams(user, small_demo, wor
             # The next message is answered by the new process.
             await ws.send(json.dumps({"type": "chat.send", "model": "local_demo", "content": "and now?",
                                       "client_id": "next"}))
-            nxt = (await ws_frames_until(ws, lambda f: f["type"] == "chat.accepted"))[-1]
-            final = (await ws_frames_until(ws, ends(nxt["message"])))[-1]
+            nxt = (await frames_until(ws, lambda f: f["type"] == "chat.accepted"))[-1]
+            final = (await frames_until(ws, ends(nxt["message"])))[-1]
             assert final["type"] == "chat.done", final
     finally:
         await sync_to_async(web.stop, thread_sensitive=False)()
@@ -455,7 +448,7 @@ async def _no_frame_on(channel: str, *, idle: float = 0.5) -> None:
 
 
 async def test_a_task_delivered_again_after_its_reply_ended_does_nothing(ws, small_demo, workers, stack):
-    from chat.placement import gpu_queue
+    from chatsite.queues import gpu_queue
     from chat.relay import message_group
     from chatsite.celery import app
 
@@ -529,7 +522,7 @@ async def test_the_worker_pools_do_not_enforce_task_time_limits(ws, user, small_
     they are given. Here a GPU step and a CPU step each run 2 s past a 1 s
     limit and end normally. If this fails, a pool now enforces them: update
     docs/reliability.md."""
-    from chat.placement import gpu_queue
+    from chatsite.queues import gpu_queue
     from chatsite.celery import app
 
     # The GPU step: switching from Ollama to local_demo waits 3 s for Ollama

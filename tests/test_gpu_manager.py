@@ -8,14 +8,14 @@ import weakref
 import pytest
 
 from chatsite.redis_client import redis_client
-from gpu_manager.engines import LocalEngine
+from gpu_manager.engines import EngineLoadError, LocalEngine
 from gpu_manager.leases import LeaseKeeper, LeaseLost, Leases
-from gpu_manager.manager import GpuManager, LocalSpec
+from gpu_manager.manager import GpuManager
 from gpu_manager import memory
 from gpu_manager.memory import memory_snapshot
 from gpu_manager.selfcheck import model_build
-from gpu_manager.state import GpuStateStore
-from tests.conftest import wait_for
+from gpu_manager.state import GpuStateStore, LocalSpec
+from tests.support.waiting import wait_for
 
 SLOT = "test-manager"
 #: 50 load/unload cycles may grow RSS by at most this much: well under one
@@ -120,7 +120,7 @@ def test_budget_evicts_the_least_recently_used_engine(manager, demo_model, model
     assert [(e["model"], e["reason"]) for e in evicted] == [("big1", "budget")]
     # A model larger than the whole budget is refused before anything is evicted.
     manager.budget_bytes = 1 << 20
-    with pytest.raises(Exception, match="budget"):
+    with pytest.raises(EngineLoadError, match="budget"):
         manager.prepare_local(spec=LocalSpec("big3", model_24mb))
     assert manager.resident() == ["big2", "tiny"]
 

@@ -6,7 +6,8 @@ import logging
 import pytest
 
 from chatsite.logs import ContextFilter, JsonFormatter, message_id_var
-from tests.conftest import communicator, send_and_finish, wait_for
+from tests.support.sockets import communicator, send_and_finish
+from tests.support.waiting import wait_for
 
 
 def test_json_lines_carry_the_message_id():

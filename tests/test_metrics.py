@@ -2,7 +2,7 @@
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import communicator, send_and_finish
+from tests.support.sockets import communicator, send_and_finish
 
 
 def samples(text: str) -> dict:

@@ -17,11 +17,12 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from chat.generation import reply_claim, reply_claim_holder, reply_claim_renew, reply_release
+from chat.dispatch import reply_claim, reply_claim_holder, reply_claim_renew, reply_release
 from chat.models import Message, MessageStatus, ModelConfig
 from gpu_manager.leases import Claims, ClaimLost, Keeper, Leases
 from gpu_manager.state import GpuStateStore
-from tests.conftest import communicator, ends, frames_until, send_and_finish, wait_for
+from tests.support.sockets import communicator, ends, frames_until, send_and_finish
+from tests.support.waiting import eventually, wait_for
 
 #: The deadline the workers run with in the deadline tests: long enough for
 #: a local model to load and stream on a loaded 2-core machine, short
@@ -33,12 +34,6 @@ DEADLINE_SLACK = 10.0
 #: max_new_tokens of the local model in the deadline test: far more than it
 #: writes before the deadline, so that the deadline is what stops it.
 LOCAL_TOKENS = 20000
-
-
-async def eventually(predicate, *, timeout: float, what: str):
-    """wait_for in a thread of its own (not the one the consumer's database
-    calls share)."""
-    return await sync_to_async(wait_for, thread_sensitive=False)(predicate, timeout=timeout, what=what)
 
 
 def deltas(frames: list[dict], message_id: int) -> list[dict]:
@@ -265,7 +260,7 @@ async def test_a_message_taken_by_a_dead_gpu_worker_runs_when_the_next_one_start
     `queued`; here a real consumer process takes it and exits."""
     import subprocess
 
-    from chat.placement import gpu_queue
+    from chatsite.queues import gpu_queue
     from chatsite.celery import app
 
     queue = gpu_queue(settings.GPU_SLOT)

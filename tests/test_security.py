@@ -34,9 +34,11 @@ from chat.catalog import catalog_forget
 from chat.models import Batch, BatchFile, Conversation, Message, ModelConfig
 from chat.ratelimit import RateLimited, message_rate_check, rate_key
 from chat.selectors import gpu_status
-from chat.services import cancel_key, cancel_requested
+from chat.dispatch import cancel_key, cancel_requested
 from chatsite.redis_client import redis_client
-from tests.conftest import ROOT, communicator, ends, frames_until, send_and_finish, session_cookie
+from tests.support import ROOT
+from tests.support.sockets import communicator, ends, frames_until, send_and_finish, session_cookie
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -393,8 +395,6 @@ def test_the_window_slides(rate_limit, user):
     """Sends leave the window one by one as they age: after the oldest is
     older than the window, one more may go (a 1 s window: the test waits
     for time to pass, which is the behaviour under test)."""
-    from tests.conftest import wait_for
-
     rate_limit.CHAT_RATE_LIMIT_WINDOW = 1.0
     for _ in range(3):
         message_rate_check(user=user)

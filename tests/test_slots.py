@@ -5,7 +5,7 @@ from asgiref.sync import sync_to_async
 
 from chat.models import Message, ModelConfig
 from gpu_manager.state import GpuStateStore
-from tests.conftest import communicator, send_and_finish
+from tests.support.sockets import communicator, send_and_finish
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 

@@ -3,7 +3,7 @@ order, and Stop ends a local generation on the solo GPU worker."""
 import pytest
 
 from chat.models import Message, ModelConfig
-from tests.conftest import communicator, send_and_finish
+from tests.support.sockets import communicator, send_and_finish
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 

@@ -11,7 +11,7 @@ from django.conf import settings
 
 from chat.catalog import catalog_list
 from gpu_manager.state import GpuStateStore
-from tests.conftest import communicator, send_and_finish
+from tests.support.sockets import communicator, send_and_finish
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
 

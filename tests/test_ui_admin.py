@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from chat.models import Conversation, Message, ModelConfig
-from tests import ui_support
+from tests.support import browser as ui_support
 
 expect = pytest.importorskip("playwright.sync_api").expect
 

@@ -14,8 +14,8 @@ from django.conf import settings
 
 from chat.catalog import catalog_forget
 from chat.models import Conversation, Message
-from tests import ui_support
-from tests.conftest import wait_for
+from tests.support import browser as ui_support
+from tests.support.waiting import wait_for
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -259,8 +259,9 @@ def test_markdown_code_highlighting_copy_and_regenerate(page, stack, server):
     expect(body.locator("ol > li")).to_have_count(2)
     expect(body.locator("ol li ul li")).to_have_text("nested")
     expect(body.locator("table td").nth(1)).to_have_text("2")
-    expect(body.locator("code .tok-keyword").first).to_have_text("def")
-    expect(body.locator("code .tok-comment")).to_have_text("# done")
+    # highlight.js (vendored, chat/static/chat/vendor/highlight/) marks the code.
+    expect(body.locator("code .hljs-keyword").first).to_have_text("def")
+    expect(body.locator("code .hljs-comment")).to_have_text("# done")
     ui_support.screenshot(page, "markdown-code")
 
     reply.locator(".md-code-copy").click()
@@ -427,7 +428,20 @@ def test_markdown_renderer_on_hostile_and_unfinished_input(page):
       out.inline = [...d.querySelectorAll("em, strong, del, code")].map((n) => n.tagName + ":" + n.textContent);
       d = render("```js\\nconst a = '<script>';\\n");  // a fence still streaming
       out.openFence = d.querySelector("pre code").textContent;
-      out.fenceKeyword = d.querySelector(".tok-keyword").textContent;
+      out.fenceKeyword = d.querySelector(".hljs-keyword").textContent;
+      // One grammar per language: `func` is a keyword in Go, a name in C;
+      // `fn` a keyword in Rust only.
+      const keywords = (text) => [...render(text).querySelectorAll("code .hljs-keyword")].map((n) => n.textContent);
+      out.goKeywords = keywords("```go\\nfunc main() { defer f() }\\n```");
+      out.cKeywords = keywords("```c\\nint func(void) { return 0; }\\n```");
+      out.rustKeywords = keywords("```rs\\nfn main() { let x = 1; }\\n```");
+      out.javaKeywords = keywords("```java\\nfn func = defer;\\n```");
+      // Markup in highlighted code stays text; only hljs spans are made.
+      d = render("```html\\n\\n  <img src=x onerror=\\"window.__pwned = 1\\"><script>alert(3)</script>\\n```");
+      out.htmlCode = d.querySelector("pre code").textContent;
+      out.htmlTags = [...new Set([...d.querySelectorAll("pre code *")].map((n) => n.tagName))];
+      out.htmlClasses = [...d.querySelectorAll("pre code *")].every((n) => /^(hljs|language)-/.test(n.className));
+      out.plain = render("```nosuchlanguage\\nfunc <b>x</b>\\n```").querySelector("pre code").innerHTML;
       const started = performance.now();
       render("*a ".repeat(20000) + "_".repeat(20000) + "[".repeat(5000));
       out.hostileMs = performance.now() - started;
@@ -444,6 +458,13 @@ def test_markdown_renderer_on_hostile_and_unfinished_input(page):
     assert results["inline"] == ["EM:em", "STRONG:strong", "DEL:gone", "CODE:<b>code</b>"]
     assert results["openFence"] == "const a = '<script>';"
     assert results["fenceKeyword"] == "const"
+    assert "func" in results["goKeywords"] and "defer" in results["goKeywords"]
+    assert "func" not in results["cKeywords"] and "return" in results["cKeywords"]
+    assert "fn" in results["rustKeywords"] and "let" in results["rustKeywords"]
+    assert not {"fn", "func", "defer"} & set(results["javaKeywords"])
+    assert results["htmlCode"] == '\n  <img src=x onerror="window.__pwned = 1"><script>alert(3)</script>'
+    assert results["htmlTags"] == ["SPAN"] and results["htmlClasses"]
+    assert results["plain"] == "func &lt;b&gt;x&lt;/b&gt;"
     assert results["hostileMs"] < 2000, results["hostileMs"]
     assert results["quote"] == "quoted <i>x</i>more"
     assert results["nested"] == 1 and results["start"] == 3

@@ -3,7 +3,6 @@ Django's test client on the real Redis and the fake outside servers, and the
 websocket's answer when an endpoint is down."""
 import json
 import re
-import socket
 import time
 
 import pytest
@@ -16,7 +15,8 @@ from chat.catalog import catalog_forget
 from chat.models import Message
 from chatsite.redis_client import redis_client
 from gpu_manager.state import GpuStateStore
-from tests.conftest import communicator, ends, frames_until, send_and_finish
+from tests.support.net import free_port
+from tests.support.sockets import communicator, ends, frames_until, send_and_finish
 
 TEST_SLOTS = ("test-slot", "test-slot-b")
 
@@ -52,12 +52,6 @@ def test_slots():
         r.srem("gpu:slots", slot)
 
 
-def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- health checks (CONTRACT §7) --------------------------------------------
 
 def test_healthz_needs_no_login(client):
@@ -68,7 +62,7 @@ def test_healthz_needs_no_login(client):
 
 @pytest.mark.django_db
 def test_readyz_names_redis_when_redis_is_down(client, monkeypatch):
-    dead = redis.Redis(host="127.0.0.1", port=unused_port(), socket_connect_timeout=0.5)
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
     monkeypatch.setattr("chat.views.redis_client", lambda: dead)
     response = client.get("/readyz")
     assert response.status_code == 503
@@ -81,7 +75,7 @@ def test_readyz_names_redis_when_redis_is_down(client, monkeypatch):
 def no_heartbeats(monkeypatch):
     """Point the liveness check at keys no worker writes, whether or not the
     session's workers are up."""
-    monkeypatch.setattr("workers.heartbeat.KEY_PREFIX", "worker:alive-nobody")
+    monkeypatch.setattr("chat.dispatch.WORKER_ALIVE_PREFIX", "worker:alive-nobody")
 
 
 @pytest.mark.django_db

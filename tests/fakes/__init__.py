@@ -6,8 +6,8 @@ official ``ollama`` and ``openai`` clients work against them unchanged::
     with FakeOllama(models=("qwen:7b",)) as fake:
         ollama.Client(host=fake.url).chat(model="qwen:7b", messages=[...])
 """
-from .http import FakeServer, Recorded, split_tokens, wait_for
+from .http import FakeServer, Recorded, split_tokens
 from .ollama import FakeOllama
 from .openai import FakeOpenAI
 
-__all__ = ["FakeOllama", "FakeOpenAI", "FakeServer", "Recorded", "split_tokens", "wait_for"]
+__all__ = ["FakeOllama", "FakeOpenAI", "FakeServer", "Recorded", "split_tokens"]

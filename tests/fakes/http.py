@@ -25,10 +25,10 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["Recorded", "FakeServer", "FakeHandler", "dumps", "split_tokens", "wait_for"]
+__all__ = ["Recorded", "FakeServer", "FakeHandler", "dumps", "split_tokens"]
 
 
 def dumps(obj: Any) -> str:
@@ -54,17 +54,6 @@ def split_tokens(text: str) -> list[str]:
     (``"a b"`` -> ``["a", " b"]``), so ``"".join(split_tokens(t)) == t``."""
     tokens = re.findall(r"\s*\S+(?:\s+$)?", text)
     return tokens if tokens else ([text] if text else [])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> bool:
-    """Poll ``predicate`` until it is truthy or ``timeout`` elapses; return
-    whether it became true.  For tests: wait on a condition, not a bare sleep."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 class Abort(Exception):
