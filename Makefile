@@ -37,6 +37,13 @@ test: setup browser compose-tool
 	env -u DATABASE_URL $(BIN)/python -m pytest
 	@case "$${DATABASE_URL:-}" in postgres*) 	  echo "== the suite again, on PostgreSQL"; $(BIN)/python -m pytest;; esac
 
+# The fast layer (services, the GPU manager's decisions, consumers): no
+# worker subprocesses, no repetition loops; under a minute. `make test` runs
+# these and everything else.
+.PHONY: test-fast
+test-fast: setup
+	env -u DATABASE_URL $(BIN)/python -m pytest -m "not stack and not slow" -q
+
 # Flower (Celery's monitor) against the same Redis as `make run`.
 flower: setup
 	$(BIN)/celery -A chatsite flower --port=$${FLOWER_PORT:-5555}
@@ -63,7 +70,7 @@ browser:
 messages:
 	for domain in django djangojs; do \
 	  $(BIN)/python manage.py makemessages -l zh_Hans -d $$domain --no-obsolete \
-	    -i "$(VENV)/*" -i "var/*" -i "tests/*" -i "bench/*"; done
+	    -i "$(VENV)/*" -i "var/*" -i "tests/*" -i "bench/*" -i "chat/static/chat/vendor/*"; done
 	$(BIN)/python manage.py compilemessages -l zh_Hans -i $(VENV) -i var
 
 clean:

@@ -53,7 +53,7 @@ def main() -> None:
         from django.core.management import call_command
 
         call_command("migrate", verbosity=0)
-        from tests.conftest import Workers
+        from tests.support.workers import Workers
 
         workers = Workers(stack.var, f"sqlite:///{stack.var / 'db.sqlite3'}")
         for name in ("gpu", "cpu"):

@@ -130,4 +130,4 @@ class BatchAdmin(admin.ModelAdmin):
             try:
                 batches.batch_cancel(batch=batch)
             except RequestError as exc:
-                self.message_user(request, f"{batch.pk}: {exc.message}", level=messages.WARNING)
+                self.message_user(request, f"{batch.pk}: {exc.detail}", level=messages.WARNING)

@@ -54,11 +54,6 @@ class RequestError(CodedError):
         self.param = param
         self.status = status or error_status(code)
 
-    @property
-    def message(self) -> str:
-        """The detail, under OpenAI's name for it."""
-        return self.detail
-
     def body(self) -> dict:
         return error_body(self.code, self.detail, param=self.param)
 

@@ -17,6 +17,7 @@ import pytest_asyncio
 from django.db import connection
 
 from tests.support.sockets import session_cookie, sockets_disconnect, sockets_forget
+from tests.support.users import user_create
 from tests.support.web import WebServer
 from tests.support.workers import Workers, test_database_url
 
@@ -31,6 +32,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.stack)
+
+
+def pytest_collection_finish(session):
+    """A selected test module may start slow background work now, to overlap
+    with the tests before its own (`start_early(config)`; tests/test_layers.py)."""
+    for module in {item.module for item in session.items if hasattr(item, "module")}:
+        if hasattr(module, "start_early"):
+            module.start_early(session.config)
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +83,8 @@ def demo_model(transactional_db):
 
 
 @pytest.fixture
-def user(transactional_db, django_user_model):
-    return django_user_model.objects.create_user(username="alice", password="pw-alice-123")
+def user(transactional_db):
+    return user_create("alice", "pw-alice-123")
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from chat.models import FINISHED_STATUSES, Message, ModelConfig
 from gpu_manager.state import GpuStateStore
 from tests.support import ROOT
 from tests.support.sockets import receive, session_cookie
+from tests.support.users import user_create
 from tests.support.web import WebServer
 from tests.support.workers import test_database_url
 
@@ -151,7 +152,7 @@ def test_soak(django_user_model, demo_model, workers, stack):
     catalog_forget()
     for fake in (stack.ollama, stack.openai):
         fake.reply, fake.token_delay = REPLY, 0.005
-    sessions = [session_cookie(django_user_model.objects.create_user(f"soak{i}", password="pw-soak-123"))
+    sessions = [session_cookie(user_create(f"soak{i}", "pw-soak-123"))
                 for i in range(USERS)]
     web = WebServer(log_dir=stack.var, database_url=test_database_url(connection.settings_dict))
     web.start()

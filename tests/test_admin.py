@@ -6,6 +6,7 @@ import pytest
 from django.utils import timezone
 
 from chat.models import Conversation, Message, ModelConfig
+from tests.support.users import superuser_create, user_create
 
 pytestmark = pytest.mark.django_db
 
@@ -14,8 +15,8 @@ ADD_URL = "/admin/chat/modelconfig/add/"
 
 
 @pytest.fixture
-def admin_client(client, django_user_model):
-    superuser = django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
+def admin_client(client):
+    superuser = superuser_create("root", "pw-root-123", email="root@example.com")
     client.force_login(superuser)
     return client
 
@@ -33,8 +34,8 @@ def change_url(config: ModelConfig) -> str:
     return f"/admin/chat/modelconfig/{config.pk}/change/"
 
 
-def test_non_staff_is_sent_to_the_admin_login(client, django_user_model):
-    client.force_login(django_user_model.objects.create_user("bob", password="pw-bob-123"))
+def test_non_staff_is_sent_to_the_admin_login(client):
+    client.force_login(user_create("bob", "pw-bob-123"))
     response = client.get("/admin/")
     assert response.status_code == 302
     assert response["Location"] == "/admin/login/?next=/admin/"
@@ -45,8 +46,8 @@ def test_anonymous_is_sent_to_the_admin_login(client):
     assert response.status_code == 302 and response["Location"] == "/admin/login/?next=/admin/"
 
 
-def test_staff_can_open_the_admin(client, django_user_model):
-    client.force_login(django_user_model.objects.create_user("carol", password="pw-carol-123", is_staff=True))
+def test_staff_can_open_the_admin(client):
+    client.force_login(user_create("carol", "pw-carol-123", is_staff=True))
     response = client.get("/admin/")
     assert response.status_code == 200
     assert b"Site administration" in response.content
@@ -112,8 +113,8 @@ def test_endpoint_without_base_url_is_refused(admin_client):
     assert not ModelConfig.objects.exists()
 
 
-def test_conversation_and_message_pages_load(admin_client, django_user_model):
-    owner = django_user_model.objects.create_user("dave", password="pw-dave-123")
+def test_conversation_and_message_pages_load(admin_client):
+    owner = user_create("dave", "pw-dave-123")
     conversation = Conversation.objects.create(user=owner, title="Admin smoke")
     now = timezone.now()
     Message.objects.create(conversation=conversation, role="user", content="hello admin", finished_at=now)

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 from chat.models import Conversation, Message, ModelConfig
 from chat.dispatch import cancel_requested
 from tests.support.sockets import communicator
+from tests.support.users import user_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -154,14 +155,15 @@ def _not_valid(frame: dict) -> bool:
 # --- the test ---------------------------------------------------------------------
 
 @pytest.fixture
-def other_users_reply(django_user_model):
-    mallory = django_user_model.objects.create_user(username="mallory", password="pw-mallory-123")
+def other_users_reply():
+    mallory = user_create("mallory", "pw-mallory-123")
     conversation = Conversation.objects.create(user=mallory, title="not yours")
     reply = Message.objects.create(conversation=conversation, role="assistant", model_name="local_demo",
                                    status="running")
     return {"conversation": conversation.pk, "message": reply.pk}
 
 
+@pytest.mark.slow
 def test_a_thousand_random_frames_each_get_one_clear_error(ws_headers, demo_model, other_users_reply, settings):
     settings.CHAT_MAX_CONTENT_CHARS = CONTENT_LIMIT
     settings.CHAT_RATE_LIMIT_MESSAGES = 0  # every frame is judged on its content here; limits: test_security

@@ -18,6 +18,7 @@ from chat.catalog import model_resolve
 from chat.models import Batch, BatchFile, BatchLine, Message, ModelConfig
 from gpu_manager.state import GpuStateStore
 from tests.support.api import jsonl, request_line, switches_since, wait_batch
+from tests.support.users import superuser_create
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -231,8 +232,8 @@ def test_batch_command_line(small_demo, workers, user, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["error"]["line"] == 3
 
 
-def test_admin_shows_batches_with_progress_and_downloads(client, django_user_model, user):
-    admin = django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
+def test_admin_shows_batches_with_progress_and_downloads(client, user):
+    admin = superuser_create("root", "pw-root-123", email="root@example.com")
     client.force_login(admin)
     upload = batches.file_create(user=user, filename="in.jsonl", data=jsonl([request_line("a", "x")]),
                                  purpose="batch")

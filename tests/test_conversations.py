@@ -12,6 +12,7 @@ from django.utils import timezone
 from chat.models import Conversation, Message
 from chat.dispatch import cancel_key, cancel_requested
 from chatsite.redis_client import redis_client
+from tests.support.users import user_create
 
 pytestmark = pytest.mark.django_db
 
@@ -23,8 +24,8 @@ def logged_in(client, user):
 
 
 @pytest.fixture
-def other(django_user_model):
-    return django_user_model.objects.create_user(username="mallory", password="pw-mallory-123")
+def other():
+    return user_create("mallory", "pw-mallory-123")
 
 
 def exchange(conversation, *, question="Hi", answer="Hello", status="done", model="local_demo", **reply_fields):

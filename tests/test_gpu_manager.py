@@ -45,6 +45,7 @@ def kinds(mgr: GpuManager) -> list[tuple[str, str]]:
     return [(e["kind"], e["model"]) for e in mgr.store.events(1000)]
 
 
+@pytest.mark.slow
 def test_fifty_load_unload_cycles_do_not_grow_memory(model_24mb):
     engine = LocalEngine(name="m", path=model_24mb, device="cpu")
     after = []

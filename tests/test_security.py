@@ -38,6 +38,7 @@ from chat.dispatch import cancel_key, cancel_requested
 from chatsite.redis_client import redis_client
 from tests.support import ROOT
 from tests.support.sockets import communicator, ends, frames_until, send_and_finish, session_cookie
+from tests.support.users import superuser_create, user_create
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -47,8 +48,8 @@ SECRET = "sk-vault-7f3c9e1d2b4a6081"
 
 
 @pytest.fixture
-def mallory(django_user_model):
-    return django_user_model.objects.create_user(username="mallory", password="pw-mallory-123")
+def mallory():
+    return user_create("mallory", "pw-mallory-123")
 
 
 @pytest.fixture
@@ -289,7 +290,7 @@ def _pages(user) -> dict[str, str]:
     from chat.api.keys import api_key_create
 
     staff = Client()
-    staff.force_login(type(user).objects.create_superuser("root", "root@example.com", "pw-root-123"))
+    staff.force_login(superuser_create("root", "pw-root-123", email="root@example.com"))
     member = Client()
     member.force_login(user)
     vault = ModelConfig.objects.get(name="vault")
@@ -321,10 +322,10 @@ def test_the_compose_deployment_runs_without_debug_and_with_its_own_secret_key()
 
 # --- CSRF ---------------------------------------------------------------------------------
 
-def test_every_form_needs_the_csrf_token(user, django_user_model):
+def test_every_form_needs_the_csrf_token(user):
     """Django's CSRF middleware guards the login, logout and language forms
     and the admin's forms (the GPU page's buttons included)."""
-    staff = django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
+    staff = superuser_create("root", "pw-root-123", email="root@example.com")
     anonymous = Client(enforce_csrf_checks=True)
     assert anonymous.post("/accounts/login/", {"username": "alice", "password": "pw-alice-123"}).status_code == 403
     assert "_auth_user_id" not in anonymous.session
@@ -444,13 +445,13 @@ def test_the_api_answers_a_user_over_the_rate_limit_with_429(rate_limit, user, d
 
 # --- model output is inert where the server renders it ----------------------------------
 
-def test_model_output_is_escaped_in_the_admin(client, user, django_user_model):
+def test_model_output_is_escaped_in_the_admin(client, user):
     """The chat page renders replies in the browser (tests/test_ui_chat.py);
     the admin renders them on the server, escaped."""
     evil = '<script>window.__pwned=1</script><img src=x onerror="alert(1)">'
     conversation = Conversation.objects.create(user=user, title=evil)
     reply = exchange(conversation, content=evil)
-    client.force_login(django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123"))
+    client.force_login(superuser_create("root", "pw-root-123", email="root@example.com"))
     for url in ("/admin/chat/conversation/", f"/admin/chat/conversation/{conversation.pk}/change/",
                 "/admin/chat/message/", f"/admin/chat/message/{reply.pk}/change/"):
         html = client.get(url).content.decode()

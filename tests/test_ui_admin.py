@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from chat.models import Conversation, Message, ModelConfig
 from tests.support import browser as ui_support
+from tests.support.users import superuser_create, user_create
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -28,8 +29,8 @@ def browser(server):
 
 
 @pytest.fixture
-def admin_user(transactional_db, django_user_model):
-    return django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
+def admin_user(transactional_db):
+    return superuser_create("root", "pw-root-123", email="root@example.com")
 
 
 @pytest.fixture
@@ -80,8 +81,8 @@ def test_test_connection_lists_what_each_model_and_endpoint_offers(page, endpoin
     expect(page.locator("#content-main")).to_contain_text("owner")
 
 
-def test_conversations_and_messages_are_read_only_with_filters(page, admin_user, django_user_model):
-    owner = django_user_model.objects.create_user("dora", password="pw-dora-123")
+def test_conversations_and_messages_are_read_only_with_filters(page, admin_user):
+    owner = user_create("dora", "pw-dora-123")
     conversation = Conversation.objects.create(user=owner, title="Read me only")
     now = timezone.now()
     Message.objects.create(conversation=conversation, role="user", content="question", finished_at=now)

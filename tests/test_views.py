@@ -10,6 +10,8 @@ import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.test import AsyncClient, Client
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from chat.catalog import catalog_forget
 from chat.models import Message
@@ -62,7 +64,8 @@ def test_healthz_needs_no_login(client):
 
 @pytest.mark.django_db
 def test_readyz_names_redis_when_redis_is_down(client, monkeypatch):
-    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    # No retries: redis-py's default backoff (~4.7 s) is not what this checks.
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     monkeypatch.setattr("chat.views.redis_client", lambda: dead)
     response = client.get("/readyz")
     assert response.status_code == 503
