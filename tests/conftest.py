@@ -34,14 +34,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.stack)
 
 
-def pytest_collection_finish(session):
-    """A selected test module may start slow background work now, to overlap
-    with the tests before its own (`start_early(config)`; tests/test_layers.py)."""
-    for module in {item.module for item in session.items if hasattr(item, "module")}:
-        if hasattr(module, "start_early"):
-            module.start_early(session.config)
-
-
 @pytest.fixture(scope="session")
 def workers(stack, django_db_setup, django_db_blocker):
     running = Workers(stack.var, test_database_url(connection.settings_dict))
