@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field

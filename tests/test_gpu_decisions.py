@@ -14,12 +14,11 @@ from django.conf import settings
 
 from chatsite.redis_client import redis_client
 from gpu_manager.demo_model import demo_model_create
-from gpu_manager.leases import Leases
 from gpu_manager.manager import GpuManager, LeaseWaitTimeout
-from gpu_manager.state import GpuStateStore, LocalSpec
+from gpu_manager.state import LocalSpec
+from tests.support.gpu import manager_on_slot
 
 SLOT = "test-decisions"
-KEYS = [f"gpu:slot:{SLOT}{suffix}" for suffix in ("", ":events", ":memory", ":current", ":leases", ":counters")]
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +29,8 @@ def demo_path() -> str:
 
 @pytest.fixture
 def manager(stack):
-    r = redis_client()
-    r.delete(*KEYS)
-    mgr = GpuManager(slot=SLOT, device="cpu", store=GpuStateStore(slot=SLOT), leases=Leases(slot=SLOT))
-    yield mgr
-    for engine in list(mgr.engines.values()):
-        engine.unload()
-    r.delete(*KEYS)
-    r.srem("gpu:slots", SLOT)
+    with manager_on_slot(SLOT) as mgr:
+        yield mgr
 
 
 class Phases(list):

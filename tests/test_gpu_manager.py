@@ -7,15 +7,15 @@ import weakref
 
 import pytest
 
-from chatsite.redis_client import redis_client
 from gpu_manager.engines import EngineLoadError, LocalEngine
-from gpu_manager.leases import LeaseKeeper, LeaseLost, Leases
+from gpu_manager.leases import LeaseKeeper, LeaseLost
 from gpu_manager.manager import GpuManager
 from gpu_manager import memory
 from gpu_manager.memory import memory_snapshot
 from gpu_manager.selfcheck import model_build
-from gpu_manager.state import GpuStateStore, LocalSpec
+from gpu_manager.state import LocalSpec
 from tests.support.waiting import wait_for
+from tests.support.gpu import manager_on_slot
 
 SLOT = "test-manager"
 #: 50 load/unload cycles may grow RSS by at most this much: well under one
@@ -30,15 +30,8 @@ def model_24mb(tmp_path_factory):
 
 @pytest.fixture
 def manager(stack):
-    r = redis_client()
-    keys = [f"gpu:slot:{SLOT}{suffix}" for suffix in ("", ":events", ":memory", ":current", ":leases")]
-    r.delete(*keys)
-    mgr = GpuManager(slot=SLOT, device="cpu", store=GpuStateStore(slot=SLOT), leases=Leases(slot=SLOT))
-    yield mgr
-    for engine in list(mgr.engines.values()):
-        engine.unload()
-    r.delete(*keys)
-    r.srem("gpu:slots", SLOT)
+    with manager_on_slot(SLOT) as mgr:
+        yield mgr
 
 
 def kinds(mgr: GpuManager) -> list[tuple[str, str]]:
