@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from chatsite import queues
 from chatsite.redis_client import redis_client
 from gpu_manager.state import GpuStateStore, gpu_slots
 
@@ -92,7 +93,7 @@ class ServiceCollector(Collector):
 
 def _queue_names() -> list[str]:
     routed = {route["queue"] for route in settings.CELERY_TASK_ROUTES.values()}
-    per_gpu = {f"gpu.{slot}" for slot in gpu_slots(default=settings.GPU_SLOT)}
+    per_gpu = {queues.gpu_queue(slot) for slot in gpu_slots(default=settings.GPU_SLOT)}
     return sorted(routed | per_gpu | {settings.CELERY_TASK_DEFAULT_QUEUE})
 
 

@@ -15,6 +15,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from chat import conversations, selectors
 from chat.jsonbody import json_object
 from chat.models import Conversation, Message, MessageStatus
+from chatsite import queues
 from chatsite.errors import CodedError
 from chatsite.redis_client import redis_client
 from chat.dispatch import workers_alive
@@ -136,9 +137,9 @@ def readyz(request: HttpRequest) -> JsonResponse:
         missing.append(f"redis: {exc}")
     else:
         alive = workers_alive()
-        if not any(queue.startswith("gpu.") for queue in alive):
+        if not any(queue.startswith(queues.GPU_QUEUE_PREFIX) for queue in alive):
             missing.append("gpu worker: none answered")
-        if not alive.get("cpu"):
+        if not alive.get(queues.CPU_QUEUE):
             missing.append("cpu worker: none answered")
     status = 503 if missing else 200
     return JsonResponse({"status": "ready" if not missing else "not ready", "missing": missing}, status=status)
