@@ -16,12 +16,12 @@ How lines run:
 - Lines are taken in `rank` order: grouped by the GPU owner their model
   needs, the GPU's current owner first, so a mixed batch changes the GPU's
   owner once per owner rather than once per alternation in the file. The
-  GPU queue (`gpu.<slot>`) is FIFO, so no group needs to drain before the next starts.
+  GPU queue (`gpu.<slot>`) is FIFO, so no group needs to drain before the
+  next starts.
 - `batch_advance` moves a batch on. It runs as a task when one of the
   batch's lines ends (a task_postrun hook in workers/lifecycle.py), after a
-  cancel, and
-  from a watchdog while the batch runs (a reply can also end outside a task,
-  when a worker's death is noticed). It is idempotent and serialized per batch.
+  cancel, and from a watchdog while the batch runs (a reply can also end
+  outside a task, when a worker's death is noticed). It is idempotent and serialized per batch.
 - The output and error files are written once, from the lines' and their
   Messages' terminal states, in the transaction that ends the batch. A
   Message ends once (`message_finish`/`message_fail`), so each line appears

@@ -14,9 +14,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from chat.selectors import slots_known
 from chatsite import queues
 from chatsite.redis_client import redis_client
-from gpu_manager.state import GpuStateStore, gpu_slots
+from gpu_manager.state import GpuStateStore
 
 #: Upper bounds (seconds) of the latency buckets: from a cached local reply's
 #: first token (tens of ms) to a cold model switch (tens of seconds).
@@ -74,7 +75,7 @@ class ServiceCollector(Collector):
         memory = GaugeMetricFamily("gpu_memory_bytes", "The GPU worker's last memory reading.",
                                    labels=["slot", "device", "figure"])
         owner = GaugeMetricFamily("gpu_owner", "1 for the slot's current owner.", labels=["slot", "owner"])
-        for slot in gpu_slots(default=settings.GPU_SLOT):
+        for slot in slots_known():
             store = GpuStateStore(slot=slot)
             for field, value in store.counters().items():
                 what, kind = field.split(":", 1)
@@ -93,7 +94,7 @@ class ServiceCollector(Collector):
 
 def _queue_names() -> list[str]:
     routed = {route["queue"] for route in settings.CELERY_TASK_ROUTES.values()}
-    per_gpu = {queues.gpu_queue(slot) for slot in gpu_slots(default=settings.GPU_SLOT)}
+    per_gpu = {queues.gpu_queue(slot) for slot in slots_known()}
     return sorted(routed | per_gpu | {settings.CELERY_TASK_DEFAULT_QUEUE})
 
 

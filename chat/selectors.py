@@ -12,12 +12,18 @@ from chatsite.ollama_client import OllamaError, ollama_tags
 from gpu_manager.state import GpuStateStore, gpu_slots
 
 
+def slots_known() -> list[str]:
+    """Every GPU slot that has written a state; this deployment's GPU_SLOT
+    before any has."""
+    return gpu_slots(default=settings.GPU_SLOT)
+
+
 def gpu_status(*, events_limit: int = 500) -> dict:
     """CONTRACT §5. Memory figures are the GPU worker's, read at its start and
     after each transition: the web process holds no model and must not
     probe the device."""
     slots, events = [], []
-    for slot in gpu_slots(default=settings.GPU_SLOT):
+    for slot in slots_known():
         store = GpuStateStore(slot=slot)
         state = store.read()
         slot_events = store.events(events_limit)
@@ -38,7 +44,7 @@ def models_available() -> dict:
     """What the picker offers: every model, marked when it is resident now."""
     choices, errors = catalog_list()
     resident = set()
-    for slot in gpu_slots(default=settings.GPU_SLOT):
+    for slot in slots_known():
         state = GpuStateStore(slot=slot).read()
         resident.update(state.local_models)
         resident.update(f"ollama_{tag}" for tag in state.ollama_models)
@@ -159,8 +165,7 @@ def model_config_probe(*, config: ModelConfig) -> dict:
         if not weights:
             return {"ok": False, "detail": f"{path} holds no .safetensors or .bin weights", "models": []}
         size = sum((path / w).stat().st_size for w in weights)
-        resident = any(config.name in GpuStateStore(slot=s).read().local_models
-                       for s in gpu_slots(default=settings.GPU_SLOT))
+        resident = any(config.name in GpuStateStore(slot=s).read().local_models for s in slots_known())
         state = "resident on the GPU now" if resident else "not loaded now"
         return {"ok": True, "detail": f"{len(weights)} weight file(s), {size:,} bytes; {state}",
                 "models": [config.name]}

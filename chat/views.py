@@ -13,12 +13,12 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods
 
 from chat import conversations, selectors
+from chat.dispatch import workers_alive
 from chat.jsonbody import json_object
 from chat.models import Conversation, Message, MessageStatus
 from chatsite import queues
 from chatsite.errors import CodedError
 from chatsite.redis_client import redis_client
-from chat.dispatch import workers_alive
 
 
 def api_login_required(view):

@@ -24,18 +24,6 @@ class CodedError(Exception):
         self.code = code
         self.detail = detail
 
-    def __reduce__(self):
-        # Pickled (a worker process hands it on) without calling __init__
-        # again: subclasses' signatures differ, and the state is all here.
-        return _rebuilt, (type(self), self.args, self.__dict__)
-
-
-def _rebuilt(cls: type[CodedError], args: tuple, state: dict) -> CodedError:
-    exc = cls.__new__(cls, *args)
-    exc.args = args
-    exc.__dict__.update(state)
-    return exc
-
 
 def error_code(exc: BaseException) -> str:
     """The code a client is told for any exception."""
