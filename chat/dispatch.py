@@ -46,6 +46,7 @@ from chatsite import queues
 from chatsite.celery import app
 from chatsite.redis_client import redis_client
 from gpu_manager.leases import Claims, Keeper, LeaseLost
+from gpu_manager.scheduler import Admission, slot_scheduler
 from gpu_manager.state import GpuStateStore
 
 log = logging.getLogger(__name__)
@@ -102,35 +103,58 @@ def _busy(slot: str) -> int:
 
 # --- dispatch and the ledger ----------------------------------------------------
 
-def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | None = None) -> None:
-    """Queue the work for a reply, and note it in the ledger. A local model
-    runs on a GPU worker, whose prelude makes the GPU ready. An external
-    model that needs the GPU freed first gets a short acquire step on the
-    queue of the GPU it shares, in line with every other request for that
-    GPU, chained to the streaming call on the CPU queue.
+def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | None = None) -> Admission | None:
+    """Queue the work for a reply, and note it in the ledger.
 
-    `priority` (batch lines: settings.BATCH_PRIORITY) goes on every step:
-    Redis hands a worker priority-0 messages (all interactive ones) first.
-    A broker that refuses ends the reply with `queue_unavailable`: it must
-    not sit queued forever.
+    A request for a GPU (a local model, or an external model that needs
+    the GPU freed) is admitted by that GPU's scheduler (gpu_manager/
+    scheduler.py): a local model's request waits in the scheduler's order,
+    with one task on the slot's queue that wakes the GPU worker; an external
+    one whose owner holds the GPU while the gate is open takes its lease at
+    once and goes straight to a CPU worker (no GPU-queue hop); one whose
+    projected wait is over GPU_MAX_WAIT_SECONDS ends at once with
+    `gpu_busy` and its estimate. A queued request tells its socket its place.
+
+    `priority` (batch lines: settings.BATCH_PRIORITY) goes on every step
+    and ranks the line behind interactive work in the scheduler. A broker
+    that refuses ends the reply with `queue_unavailable`: it must not sit
+    queued forever. Returns the admission (None: no GPU involved).
     """
     options = {} if priority is None else {"priority": priority}
+    admission = None
     try:
         redis_client().hset(DISPATCHED_KEY, str(message_id), f"{time.time():.3f}")
-        if choice.kind == "local":
-            queue = queues.gpu_queue(slot_for_local(choice.name))
-            app.signature(queues.GPU_GENERATE, args=(message_id,), queue=queue, **options).apply_async()
-        elif choice.needs_gpu_owner:
-            queue = queues.gpu_queue(settings.OLLAMA_GPU_SLOT)
-            (
-                app.signature(queues.GPU_ACQUIRE, args=(message_id,), immutable=True, queue=queue, **options)
-                | app.signature(queues.CPU_GENERATE, args=(message_id,), immutable=True, **options)
-            ).apply_async()
+        local = choice.kind == "local"
+        if local or choice.needs_gpu_owner:
+            slot = slot_for_local(choice.name) if local else settings.OLLAMA_GPU_SLOT
+            admission = slot_scheduler(slot).admit(
+                message_id=message_id, owner=choice.kind, model=choice.name if local else choice.upstream,
+                batch=priority is not None, lease_ttl=settings.GPU_LEASE_PENDING_TTL)
+            if admission.kind == "busy":
+                message_fail(message_id=message_id, code="gpu_busy", detail=_busy_detail(admission))
+            elif admission.kind == "fast":
+                app.signature(queues.CPU_GENERATE, args=(message_id,), **options).apply_async()
+            else:
+                task = queues.GPU_GENERATE if local else queues.GPU_ACQUIRE
+                app.signature(task, args=(message_id,), queue=queues.gpu_queue(slot), **options).apply_async()
+                if admission.owner != choice.kind or admission.position > 1:
+                    group_send(message_group(message_id), {
+                        "type": "gpu.switch", "message": message_id, "phase": "queued",
+                        "owner": admission.owner, "position": admission.position,
+                        "eta_seconds": round(admission.eta, 1)})
         else:
             app.signature(queues.CPU_GENERATE, args=(message_id,), **options).apply_async()
     except Exception as exc:  # the broker refused: see the docstring
         log.exception("could not queue message %s", message_id)
         message_fail(message_id=message_id, code="queue_unavailable", detail=f"Could not queue the message: {exc}")
+    return admission
+
+
+def _busy_detail(admission: Admission) -> str:
+    owner = {"local": "the local models'", "ollama": "Ollama's", "openai": "an OpenAI endpoint's"}.get(
+        admission.owner, "free")
+    return (f"The GPU is busy: it is {owner}, and this message would wait about {admission.eta:.0f} s "
+            f"(more than the {settings.GPU_MAX_WAIT_SECONDS:.0f} s allowed). Please try again later.")
 
 
 def dispatch_forget(message_id: int) -> None:

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from chat.selectors import slots_known
 from chatsite import queues
 from chatsite.redis_client import redis_client
+from gpu_manager.scheduler import slot_scheduler
 from gpu_manager.state import GpuStateStore
 
 #: Upper bounds (seconds) of the latency buckets: from a cached local reply's
@@ -27,18 +28,28 @@ STAGES = ("started", "first_token", "finished")
 KEY = "metrics"
 
 
+def gpu_wait_observe(*, slot: str, owner: str, seconds: float) -> None:
+    """Record how long a request waited for its GPU, from admission until the
+    GPU was ready for it (the fast path counts as no wait)."""
+    _histogram_add(redis_client().pipeline(transaction=False), f"{KEY}:gpu-wait:{slot}:{owner}", seconds).execute()
+
+
+def _histogram_add(pipe, key: str, value: float):
+    for bound in BUCKETS:
+        if value <= bound:
+            pipe.hincrby(key, str(bound), 1)
+    pipe.hincrby(key, "+Inf", 1)
+    pipe.hincrbyfloat(key, "sum", value)
+    return pipe
+
+
 def message_observe(*, kind: str, status: str, seconds: dict[str, float]) -> None:
     """Record one ended reply: its status, and the seconds from queued to
     each stage it reached (keys of STAGES)."""
     pipe = redis_client().pipeline(transaction=False)
     pipe.hincrby(f"{KEY}:messages", f"{kind}|{status}", 1)
     for stage, value in seconds.items():
-        key = f"{KEY}:latency:{stage}:{kind}"
-        for bound in BUCKETS:
-            if value <= bound:
-                pipe.hincrby(key, str(bound), 1)
-        pipe.hincrby(key, "+Inf", 1)
-        pipe.hincrbyfloat(key, "sum", value)
+        _histogram_add(pipe, f"{KEY}:latency:{stage}:{kind}", value)
     pipe.execute()
 
 
@@ -64,10 +75,15 @@ class ServiceCollector(Collector):
             family = HistogramMetricFamily(f"chat_reply_{stage}_seconds",
                                            f"Seconds from queued to {stage.replace('_', ' ')}.", labels=["kind"])
             for key in r.scan_iter(match=f"{KEY}:latency:{stage}:*"):
-                raw = r.hgetall(key)
-                cumulative = [(str(b), int(raw.get(str(b), 0))) for b in BUCKETS] + [("+Inf", int(raw.get("+Inf", 0)))]
-                family.add_metric([key.rsplit(":", 1)[1]], cumulative, float(raw.get("sum", 0)))
+                family.add_metric([key.rsplit(":", 1)[1]], *_buckets(r.hgetall(key)))
             yield family
+
+        waits = HistogramMetricFamily("gpu_wait_seconds", "Seconds a request waited for its GPU, by owner.",
+                                      labels=["slot", "owner"])
+        for key in r.scan_iter(match=f"{KEY}:gpu-wait:*"):
+            slot, owner = key.removeprefix(f"{KEY}:gpu-wait:").rsplit(":", 1)
+            waits.add_metric([slot, owner], *_buckets(r.hgetall(key)))
+        yield waits
 
         transitions = CounterMetricFamily("gpu_transitions", "GPU transitions by kind.", labels=["slot", "kind"])
         freed = CounterMetricFamily("gpu_freed_bytes", "Bytes freed by unloads.", labels=["slot", "kind"])
@@ -75,7 +91,18 @@ class ServiceCollector(Collector):
         memory = GaugeMetricFamily("gpu_memory_bytes", "The GPU worker's last memory reading.",
                                    labels=["slot", "device", "figure"])
         owner = GaugeMetricFamily("gpu_owner", "1 for the slot's current owner.", labels=["slot", "owner"])
+        # The share of time spent switching is rate(gpu_switch_seconds_total).
+        switching = CounterMetricFamily("gpu_switch_seconds", "Seconds spent switching the GPU's owner, by "
+                                        "direction (to local, to external, Ollama's own loads).",
+                                        labels=["slot", "part"])
+        waiting = GaugeMetricFamily("gpu_waiting_requests", "Requests waiting for the GPU, by owner.",
+                                    labels=["slot", "owner"])
         for slot in slots_known():
+            sched = slot_scheduler(slot).snapshot()
+            for part in ("switch:local", "switch:external", "load:ollama"):
+                switching.add_metric([slot, part.replace(":", "_")], sched["totals"].get(f"{part}:total", 0.0))
+            for who, count in sched["waiting"].items():
+                waiting.add_metric([slot, who], count)
             store = GpuStateStore(slot=slot)
             for field, value in store.counters().items():
                 what, kind = field.split(":", 1)
@@ -89,7 +116,12 @@ class ServiceCollector(Collector):
             reading = store.memory()
             for figure in ("allocated", "reserved", "free", "total"):
                 memory.add_metric([slot, reading["device"], figure], reading[figure])
-        yield from (transitions, freed, resident, memory, owner)
+        yield from (transitions, freed, resident, memory, owner, switching, waiting)
+
+
+def _buckets(raw: dict) -> tuple[list, float]:
+    cumulative = [(str(b), int(raw.get(str(b), 0))) for b in BUCKETS] + [("+Inf", int(raw.get("+Inf", 0)))]
+    return cumulative, float(raw.get("sum", 0))
 
 
 def _queue_names() -> list[str]:

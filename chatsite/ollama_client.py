@@ -55,6 +55,8 @@ class ChatChunk:
     done_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: The final chunk's `load_duration`: seconds Ollama spent loading the model.
+    load_seconds: float = 0.0
 
 
 @functools.lru_cache(maxsize=32)
@@ -136,6 +138,7 @@ def ollama_chat_stream(
                         done_reason=part.done_reason or "stop",
                         prompt_tokens=part.prompt_eval_count or 0,
                         completion_tokens=part.eval_count or 0,
+                        load_seconds=(part.load_duration or 0) / 1e9,
                     )
                     return
                 yield ChatChunk(text=part.message.content or "")

@@ -22,6 +22,9 @@ def gpu_queue(slot: str) -> str:
 # their task; settings.CELERY_TASK_ROUTES routes `*.gpu_*` and `*.cpu_*`.
 GPU_GENERATE = "workers.tasks.gpu_generate"
 GPU_ACQUIRE = "workers.tasks.gpu_acquire"
+#: A wake-up for the GPU worker, with no message: the housekeeping queues one
+#: when the scheduler holds work and the queue holds no task to serve it.
+GPU_SERVE = "workers.tasks.gpu_serve"
 GPU_LOAD = "workers.tasks.gpu_load"
 GPU_UNLOAD = "workers.tasks.gpu_unload"
 GPU_UNLOAD_IDLE = "workers.tasks.gpu_unload_idle"
@@ -29,7 +32,7 @@ CPU_GENERATE = "workers.tasks.cpu_generate"
 CPU_BATCH_ADVANCE = "workers.tasks.cpu_batch_advance"
 
 #: The tasks after which a reply may have ended (a batch line moves on).
-REPLY_TASKS = frozenset({GPU_GENERATE, GPU_ACQUIRE, CPU_GENERATE})
+REPLY_TASKS = frozenset({GPU_GENERATE, GPU_ACQUIRE, GPU_SERVE, CPU_GENERATE})
 
 #: The modules that define the tasks: every worker imports the CPU ones
 #: (settings.CELERY_IMPORTS); a GPU worker adds the GPU ones with

@@ -288,6 +288,25 @@ GPU_LOCAL_BUDGET_BYTES = int(os.environ.get("GPU_LOCAL_BUDGET_BYTES", 0))
 GPU_HOUSEKEEPING_SECONDS = float(os.environ.get("GPU_HOUSEKEEPING_SECONDS", 5.0))
 #: CONTRACT §5 asks for at least the last 500 transitions.
 GPU_EVENTS_KEPT = int(os.environ.get("GPU_EVENTS_KEPT", 1000))
+#: Who gets a GPU next (gpu_manager/scheduler.py, docs/gpu-arbitration.md
+#: "Scheduling"): "grouped" serves one owner's work together and bounds
+#: every wait with a gate; "fifo" serves in arrival order (the behaviour
+#: before the scheduler), kept to measure the two side by side.
+GPU_SCHEDULE = os.environ.get("GPU_SCHEDULE", "grouped")
+#: The gate age A: once another owner's oldest request has waited this
+#: long, the current owner's visit ends (after the work that came before).
+#: A = max(floor, factor x the measured switch cost): a visit then costs at
+#: most 1/(1+factor) of its time in switching.
+GPU_GATE_FLOOR_SECONDS = float(os.environ.get("GPU_GATE_FLOOR_SECONDS", 2.0))
+GPU_GATE_FACTOR = float(os.environ.get("GPU_GATE_FACTOR", 4.0))
+#: A batch line ranks this many seconds behind an interactive message on
+#: the same GPU: interactive work goes first, and a batch line that has
+#: waited this long competes as an equal (it ages; it never starves).
+GPU_BATCH_DELAY_SECONDS = float(os.environ.get("GPU_BATCH_DELAY_SECONDS", 30.0))
+#: A request whose projected wait for the GPU is longer is refused at once
+#: with `gpu_busy` and the estimate, instead of waiting silently (Ollama
+#: answers 503 when its queue is full).
+GPU_MAX_WAIT_SECONDS = float(os.environ.get("GPU_MAX_WAIT_SECONDS", 900.0))
 #: A reply still `queued` after this many seconds whose task is in no queue
 #: (Redis came back empty and took it) is queued again by the GPU workers'
 #: housekeeping (chat.services.replies_redispatch_lost). Far above the time

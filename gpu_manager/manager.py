@@ -108,6 +108,9 @@ class GpuManager:
         #: died. The chat layer sets it to fail their replies; gpu_manager
         #: itself knows nothing of messages.
         self.on_leases_expired: Callable[[list[str]], None] = lambda holders: None
+        #: Seconds the last `prepare_local` waited for Ollama's generations
+        #: to end: their visit, not the switch (the scheduler's switch cost).
+        self.lease_waited = 0.0
 
     @classmethod
     def from_settings(cls) -> "GpuManager":
@@ -202,6 +205,7 @@ class GpuManager:
                       on_event: EventSink = _ignore) -> GpuState:
         """Make `spec` resident and the local models the GPU's owner."""
         state = self.store.read()
+        self.lease_waited = 0.0
         engine = self.engines.get(spec.name)
         if state.owner == "local" and engine is not None and engine.loaded and engine.path == spec.path:
             engine.touch()
@@ -341,12 +345,14 @@ class GpuManager:
     def _leases_wait(self, on_event: EventSink) -> None:
         """Wait until no Ollama generation holds the GPU. A holder that died
         stops holding it when its lease expires; its reply is then failed."""
-        deadline = time.monotonic() + self.timings.lease_wait_timeout
+        began = time.monotonic()
+        deadline = began + self.timings.lease_wait_timeout
         announced = False
         while True:
             self.reap_leases()
             live = self.leases.live()
             if not live:
+                self.lease_waited = time.monotonic() - began
                 return
             if not announced:
                 on_event("waiting_for_ollama", {"generations": len(live)})

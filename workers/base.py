@@ -29,7 +29,16 @@ class MessageTask(Task):
     def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
         message_id_var.set(None)
 
+    def message_id(self, args, kwargs) -> int | None:
+        """The reply this run works on: its first argument, unless the run
+        named another on its request (a GPU task serves the scheduler's
+        pick, workers/gpu_tasks.py)."""
+        picked = getattr(self.request, "message_id", None)
+        if picked is not None:
+            return picked
+        return args[0] if args else kwargs.get("message_id")
+
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
-        message_id = args[0] if args else kwargs.get("message_id")
+        message_id = self.message_id(args, kwargs)
         if message_id is not None:
             message_fail(message_id=message_id, code=error_code(exc), detail=str(exc) or type(exc).__name__)

@@ -9,12 +9,12 @@ from __future__ import annotations
 from celery import Task, shared_task
 
 from chatsite import queues
+from chatsite.logs import message_id_var
 from gpu_manager.manager import GpuManager
+from gpu_manager.scheduler import Scheduler, slot_scheduler
 from workers.base import MessageTask
 from workers.lifecycle import idle_unload_ran, replies_fail_lost
-from workers.replies import (
-    gpu_acquire_for_reply, gpu_prelude, local_reply_generate, local_spec, local_specs_preload, ollama_urls,
-)
+from workers.replies import gpu_prelude, local_reply_generate, local_spec, local_specs_preload, ollama_urls
 
 _manager: GpuManager | None = None
 
@@ -44,9 +44,17 @@ class GpuControlTask(Task):
 
 
 class GpuTask(MessageTask):
-    """A message's step on the GPU worker. While it runs, the slot's state
-    names its message: a worker restarted after a crash fails that reply
-    instead of leaving it running forever."""
+    """A message's step on the GPU worker: it serves the request the slot's
+    scheduler picks (gpu_manager/scheduler.py), which need not be the one it
+    was queued with. Its prelude takes the pick, claims the reply and makes
+    the GPU ready for it: a local model resident (unloading Ollama's models
+    first if they own the GPU), or the GPU freed for an external model,
+    whose generation it queues on the CPU queue. A local model's claim
+    reaches the task body on the task's own request (`reply_hold`).
+
+    While it runs, the slot's state names the picked message: a worker
+    restarted after a crash fails that reply instead of leaving it running
+    forever; a failure ends that reply too (`MessageTask.message_id`)."""
 
     abstract = True
 
@@ -56,36 +64,46 @@ class GpuTask(MessageTask):
 
     def before_start(self, task_id, args, kwargs) -> None:
         super().before_start(task_id, args, kwargs)
-        if args:
-            self.manager.store.current_set(args[0])
+        self.request.message_id = None
+        self.request.reply_hold = gpu_prelude(manager=self.manager, scheduler=self.scheduler,
+                                              hint=args[0] if args else None, on_pick=self._picked)
+
+    def _picked(self, message_id: int) -> None:
+        self.request.message_id = message_id
+        message_id_var.set(message_id)
+        self.manager.store.current_set(message_id)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return slot_scheduler(self.manager.slot)
 
     def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
-        self.manager.store.current_set(None)
+        if getattr(self.request, "message_id", None) is not None:
+            self.manager.store.current_set(None)
         super().after_return(status, retval, task_id, args, kwargs, einfo)
 
 
-class LocalModelTask(GpuTask):
-    """A local-model generation. Its prelude claims the reply and asks the
-    GPU manager to make the requested model resident (unloading Ollama's
-    models first if they own the GPU) before the task body runs; the claim
-    reaches the body on the task's own request (`self.request.reply_hold`)."""
-
-    abstract = True
-
-    def before_start(self, task_id, args, kwargs) -> None:
-        super().before_start(task_id, args, kwargs)
-        self.request.reply_hold = gpu_prelude(message_id=args[0], manager=self.manager)
+def _generate(task: GpuTask) -> None:
+    local_reply_generate(message_id=task.request.message_id, hold=getattr(task.request, "reply_hold", None),
+                         manager=task.manager, scheduler=task.scheduler)
 
 
-@shared_task(name=queues.GPU_GENERATE, base=LocalModelTask, bind=True)
+# Both names carry the same work: a local message is queued as
+# `gpu_generate`, an external one as `gpu_acquire`, and either serves the
+# scheduler's pick; `gpu_serve` is the housekeeping's wake-up, with no message.
+@shared_task(name=queues.GPU_GENERATE, base=GpuTask, bind=True)
 def gpu_generate(self, message_id: int) -> None:
-    local_reply_generate(message_id=message_id, hold=getattr(self.request, "reply_hold", None),
-                         manager=self.manager)
+    _generate(self)
 
 
 @shared_task(name=queues.GPU_ACQUIRE, base=GpuTask, bind=True)
 def gpu_acquire(self, message_id: int) -> None:
-    gpu_acquire_for_reply(message_id=message_id, manager=self.manager)
+    _generate(self)
+
+
+@shared_task(name=queues.GPU_SERVE, base=GpuTask, bind=True)
+def gpu_serve(self) -> None:
+    _generate(self)
 
 
 @shared_task(name=queues.GPU_LOAD, base=GpuControlTask, bind=True)

@@ -39,6 +39,7 @@ from chat.batches import batch_advance_queue, batch_line_ended
 from chat.dispatch import message_fail, replies_redispatch_lost, worker_alive_key
 from chatsite import queues
 from chatsite.redis_client import redis_client
+from gpu_manager.scheduler import slot_scheduler
 
 if TYPE_CHECKING:  # handed in by the GPU tasks; importing it would import torch
     from gpu_manager.manager import GpuManager
@@ -119,9 +120,29 @@ class WorkerLifecycle:
         manager.state_sync(note="restored after Redis lost it")
         manager.reap_leases()
         replies_redispatch_lost()
+        scheduler_wake(app=self.app, slot=manager.slot, busy=manager.store.current() is not None)
         pending = IDLE_UNLOAD_PENDING_KEY.format(slot=manager.slot)
         if manager.idle_engines() and redis_client().set(pending, "1", nx=True, ex=int(IDLE_REQUEUE_SECONDS)):
             self.app.signature(queues.GPU_UNLOAD_IDLE).apply_async(queue=queues.gpu_queue(manager.slot))
+
+
+def scheduler_wake(*, app, slot: str, busy: bool) -> bool:
+    """Queue a wake-up when the slot's scheduler holds requests and its queue
+    no task to serve them: every admitted request queues one task, but a
+    task can end without serving (a Redis error before its pick), and the
+    order is the scheduler's, so the count is what must never fall short.
+    A spare wake-up finds nothing and ends."""
+    snapshot = slot_scheduler(slot).snapshot()
+    if busy or not any(snapshot["waiting"].values()):
+        return False
+    r = redis_client()
+    queue = queues.gpu_queue(slot)
+    if any(r.llen(name) for name in [queue, *r.scan_iter(match=f"{queue}\x06\x16*")]):
+        return False
+    log.warning("GPU slot %s: %s waiting and no task queued to serve them; waking the worker",
+                slot, snapshot["waiting"])
+    app.signature(queues.GPU_SERVE).apply_async(queue=queue)
+    return True
 
 
 def idle_unload_ran(*, slot: str) -> None:
@@ -133,6 +154,7 @@ def gpu_worker_recover(*, manager: GpuManager) -> None:
     """At GPU worker start: repair the state, and end the reply the previous
     worker was on when it died."""
     manager.repair()
+    slot_scheduler(manager.slot).repair()
     message_id = manager.store.current()
     if message_id is not None:
         message_fail(message_id=message_id, code="worker_restarted",
@@ -209,8 +231,13 @@ def _batch_line_followup(sender=None, args=None, **kwargs) -> None:
     """When a reply that is a batch line has ended, its batch moves on (the
     next line, or the end). After the task, whether it succeeded or failed:
     a failed reply ends its line as surely as a finished one."""
-    if sender is None or sender.name not in queues.REPLY_TASKS or not args:
+    if sender is None or sender.name not in queues.REPLY_TASKS:
         return
-    batch_id = batch_line_ended(message_id=args[0])
+    # A GPU task names the reply it served on its request (the scheduler's
+    # pick); a CPU task's reply is its argument.
+    message_id = getattr(sender.request, "message_id", None) or (args[0] if args else None)
+    if message_id is None:
+        return
+    batch_id = batch_line_ended(message_id=message_id)
     if batch_id is not None:
         batch_advance_queue(batch_id=batch_id)

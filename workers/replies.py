@@ -26,13 +26,19 @@ from django.conf import settings
 from django.utils import timezone
 
 from chat.catalog import ModelChoice, endpoints, model_resolve
-from chat.dispatch import ReplyHold, cancel_requested, message_fail, message_finish, reply_hold
-from chat.models import Message, MessageStatus, ModelConfig, ModelKind
+from chat.dispatch import (
+    ReplyHold, cancel_requested, message_dispatch, message_fail, message_finish, reply_claim_holder, reply_hold,
+)
+from chat.metrics import gpu_wait_observe
+from chat.models import FINISHED_STATUSES, Message, MessageStatus, ModelConfig, ModelKind
 from chat.relay import DeltaRelay, group_send, message_group
+from chatsite import queues
+from chatsite.celery import app
 from chatsite.errors import error_code
 from chatsite.ollama_client import OllamaModelMissing, ollama_chat_stream, ollama_tags
 from chatsite.openai_client import openai_chat_stream
 from gpu_manager.leases import LeaseKeeper, LeaseLost, Leases
+from gpu_manager.scheduler import Item, Scheduler, slot_scheduler
 from gpu_manager.state import LocalSpec
 
 if TYPE_CHECKING:  # the GPU tasks hand it in; importing it would import torch
@@ -163,28 +169,88 @@ def ollama_urls() -> list[str]:
 
 # --- GPU worker -------------------------------------------------------------
 
-def gpu_prelude(*, message_id: int, manager: GpuManager) -> ReplyHold | None:
-    """The GPU task prelude: claim the reply and make the requested local
-    model resident. Returns the claim for the task body, which releases it;
-    None when there is nothing to generate."""
-    hold = reply_hold(message_id)
+def gpu_prelude(*, manager: GpuManager, scheduler: Scheduler, hint: int | None,
+                on_pick: Callable[[int], None]) -> ReplyHold | None:
+    """The GPU task prelude: take the request the scheduler picks, claim its
+    reply and make the GPU ready for it. The pick need not be the message
+    this task was queued with (`hint`): the queue counts the work, the
+    scheduler orders it (gpu_manager/scheduler.py). A local model's claim is
+    returned for the task body; an external model's generation is queued on
+    the CPU queue under the lease it was granted. A pick with nothing to do
+    (its reply ended, or another run holds it) does not use the task up.
+
+    `on_pick(message_id)` names the picked reply to the task (its failure
+    ends that reply; the state's `current` names it)."""
+    adopted = False
+    while True:
+        pick = scheduler.next()
+        if pick.kind == "wait":  # Ollama's visit goes on until it ends or the gate closes
+            time.sleep(manager.timings.lease_poll)
+            continue
+        if pick.kind == "idle":
+            if hint and not adopted and _unscheduled(hint):
+                # Queued before the scheduler knew it (an upgrade, or a wait
+                # entry lost while its task survived): admit it now.
+                adopted = True
+                model_name, batch_line = Message.objects.filter(pk=hint).values_list(
+                    "model_name", "batch_line__id").get()
+                message_dispatch(message_id=hint, choice=model_resolve(model_name),
+                                 priority=settings.BATCH_PRIORITY if batch_line else None)
+                continue
+            return None
+        on_pick(pick.item.message_id)
+        try:
+            served, hold = _gpu_serve(pick.item, manager=manager, scheduler=scheduler, switch=pick.switch)
+        finally:
+            if pick.switch:
+                scheduler.handover_done()
+        if served:
+            return hold
+
+
+def _unscheduled(message_id: int) -> bool:
+    return (Message.objects.filter(pk=message_id).exclude(status__in=FINISHED_STATUSES).exists()
+            and reply_claim_holder(message_id) is None)
+
+
+def _gpu_serve(item: Item, *, manager: GpuManager, scheduler: Scheduler,
+               switch: bool) -> tuple[bool, ReplyHold | None]:
+    """Serve one picked request: (served, the claim for the task body)."""
+    hold = reply_hold(item.message_id)
     if hold is None:
-        return None
+        return False, None
     try:
-        started = reply_start(message_id)
+        started = reply_start(item.message_id)
         if started is None:
             hold.stop()
-            return None
+            return False, None
         reply, choice = started
-        manager.prepare_local(spec=local_spec(choice.name), preload=local_specs_preload(),
-                              ollama_urls=ollama_urls(), on_event=switch_notifier(message_id))
+        previous = manager.store.read().owner if switch else item.owner
+        began = time.perf_counter()
+        if choice.kind == "local":
+            manager.prepare_local(spec=local_spec(choice.name), preload=local_specs_preload(),
+                                  ollama_urls=ollama_urls(), on_event=switch_notifier(item.message_id))
+        else:
+            _external_acquire(choice, item.message_id, manager)
+        if previous != choice.kind:
+            # The switch's own cost, without the wait for Ollama's
+            # generations to end (that is Ollama's visit, not the switch).
+            scheduler.observe("switch:local" if choice.kind == "local" else "switch:external",
+                              time.perf_counter() - began - manager.lease_waited)
+        gpu_wait_observe(slot=manager.slot, owner=choice.kind, seconds=time.time() - item.arrived)
     except BaseException:
         hold.stop()
         raise
-    return hold
+    if choice.kind == "local":
+        return True, hold
+    hold.stop()
+    options = {"priority": settings.BATCH_PRIORITY} if item.batch else {}
+    app.signature(queues.CPU_GENERATE, args=(item.message_id,), **options).apply_async()
+    return True, None
 
 
-def local_reply_generate(*, message_id: int, hold: ReplyHold | None, manager: GpuManager) -> None:
+def local_reply_generate(*, message_id: int | None, hold: ReplyHold | None, manager: GpuManager,
+                         scheduler: Scheduler) -> None:
     """The GPU task body: generate with the engine its prelude made resident."""
     if hold is None:  # the prelude found nothing to do, or another run holds the reply
         return
@@ -195,6 +261,7 @@ def local_reply_generate(*, message_id: int, hold: ReplyHold | None, manager: Gp
         choice = model_resolve(reply.model_name)
         run = _Run(reply, hold)
         gen = choice.generation
+        began = time.perf_counter()
         try:
             result = manager.engine(choice.name).generate(
                 history(reply), max_new_tokens=gen["max_new_tokens"], temperature=gen["temperature"],
@@ -205,34 +272,25 @@ def local_reply_generate(*, message_id: int, hold: ReplyHold | None, manager: Gp
                 return
             run.fail(exc)
             raise
+        scheduler.observe("serve:local", time.perf_counter() - began)
         run.finish(Outcome(result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens))
 
 
-def gpu_acquire_for_reply(*, message_id: int, manager: GpuManager) -> None:
-    """Free the GPU for an external model, in queue order. For Ollama, check
-    first that it answers and has the model: evicting the local model for a
-    request that cannot run would cost a reload for nothing. A delivery
-    that finds the reply claimed (its generation streams) does nothing: it
-    must not grant a second lease or switch the GPU under it."""
-    hold = reply_hold(message_id)
-    if hold is None:
-        return
-    with hold:
-        started = reply_start(message_id)
-        if started is None:
-            return
-        reply, choice = started
-        # Asked live unless the GPU is already Ollama's for this very model
-        # (checked when it got it): one request less per message in a run
-        # of Ollama messages (docs/BENCHMARKS.md, finding 1), and the state
-        # never lists a model Ollama was not seen to have.
-        if (choice.kind == "ollama"
-                and (manager.resident() or choice.upstream not in manager.store.read().ollama_models)
-                and choice.upstream not in ollama_tags(choice.base_url)):
-            raise OllamaModelMissing(f"Ollama at {choice.base_url} does not have {choice.upstream}")
-        manager.acquire_external(owner=choice.kind, holder=message_id,
-                                 ollama_model=choice.upstream if choice.kind == "ollama" else None,
-                                 on_event=switch_notifier(message_id))
+def _external_acquire(choice: ModelChoice, message_id: int, manager: GpuManager) -> None:
+    """Free the GPU for an external model. For Ollama, check first that it
+    answers and has the model: evicting the local model for a request that
+    cannot run would cost a reload for nothing."""
+    # Asked live unless the GPU is already Ollama's for this very model
+    # (checked when it got it): one request less per message in a run
+    # of Ollama messages (docs/BENCHMARKS.md, finding 1), and the state
+    # never lists a model Ollama was not seen to have.
+    if (choice.kind == "ollama"
+            and (manager.resident() or choice.upstream not in manager.store.read().ollama_models)
+            and choice.upstream not in ollama_tags(choice.base_url)):
+        raise OllamaModelMissing(f"Ollama at {choice.base_url} does not have {choice.upstream}")
+    manager.acquire_external(owner=choice.kind, holder=message_id,
+                             ollama_model=choice.upstream if choice.kind == "ollama" else None,
+                             on_event=switch_notifier(message_id))
 
 
 # --- CPU workers ------------------------------------------------------------
@@ -250,14 +308,18 @@ def external_reply_generate(*, message_id: int) -> None:
             reply, choice = started
             run = _Run(reply, hold)
             if choice.kind == "ollama":
-                # The lease granted by the acquire step keeps local models off
-                # the GPU while Ollama generates; without it, it must not run.
+                # The lease granted at admission or by the acquire step keeps
+                # local models off the GPU while Ollama generates; without it,
+                # it must not run.
+                began, final = time.perf_counter(), {}
                 try:
                     with LeaseKeeper(leases, message_id, ttl=settings.GPU_LEASE_TTL) as keeper:
-                        _stream(run, _ollama_chunks(choice, reply), lease=keeper)
+                        _stream(run, _ollama_chunks(choice, reply, final), lease=keeper)
                 except LeaseLost as exc:
                     if not run.superseded():
                         message_fail(message_id=message_id, code=exc.code, detail=str(exc))
+                else:
+                    _ollama_observe(time.perf_counter() - began, final.get("load_seconds", 0.0))
             else:
                 _stream(run, _openai_chunks(choice, reply))
         finally:
@@ -297,12 +359,29 @@ def _stream(run: _Run, chunks: Iterator[tuple[str, str, int, int]], *, lease: Le
     run.finish(outcome)
 
 
-def _ollama_chunks(choice: ModelChoice, reply: Message) -> Iterator[tuple[str, str, int, int]]:
+#: An Ollama reply whose model load took longer than this followed a switch
+#: to Ollama: its load is that switch's second half (a resident model
+#: reports a load of microseconds).
+OLLAMA_SWITCH_LOAD_SECONDS = 0.05
+
+
+def _ollama_observe(seconds: float, load_seconds: float) -> None:
+    """Feed the scheduler of Ollama's GPU: how long a generation held the
+    GPU, and Ollama's own load when this reply paid for one."""
+    sched = slot_scheduler(settings.OLLAMA_GPU_SLOT)
+    sched.observe("serve:ollama", seconds)
+    if load_seconds >= OLLAMA_SWITCH_LOAD_SECONDS:
+        sched.observe("load:ollama", load_seconds)
+
+
+def _ollama_chunks(choice: ModelChoice, reply: Message, final: dict) -> Iterator[tuple[str, str, int, int]]:
     gen = choice.generation
     options = {"num_predict": gen["max_new_tokens"], "temperature": gen["temperature"], "top_p": gen["top_p"]}
     for chunk in ollama_chat_stream(choice.base_url, model=choice.upstream, messages=history(reply),
                                     options=options):
         finish = ("length" if chunk.done_reason == "length" else "stop") if chunk.done else ""
+        if chunk.done:
+            final["load_seconds"] = chunk.load_seconds
         yield chunk.text, finish, chunk.prompt_tokens, chunk.completion_tokens
 
 

@@ -1,0 +1,426 @@
+"""Which owner gets a GPU next: the switch-aware scheduler of one GPU slot.
+
+A switch between the local models and Ollama costs seconds on a real GPU
+(a 7B load, and Ollama's memory coming back after an unload), so serving
+requests in arrival order turns mixed traffic into a switching loop. The
+scheduler groups requests by owner, and bounds how long any of them waits
+(docs/gpu-arbitration.md, "Scheduling", has the policy, the proof that I1
+still holds, and the wait bound):
+
+- the current owner's waiting work is served until there is none
+  (exhaustive), models already resident first;
+- once another owner's oldest request has waited the gate age A, the gate
+  closes: the current owner finishes only the work that arrived before
+  then, Ollama gets no new lease, and the GPU switches once;
+- A = max(GPU_GATE_FLOOR_SECONDS, GPU_GATE_FACTOR x the switch cost), the
+  cost a moving average of the switches measured on this slot;
+- an external message whose owner holds the GPU while the gate is open
+  takes its lease at admission and goes straight to a CPU worker (`admit`
+  returns "fast");
+- a request whose projected wait exceeds GPU_MAX_WAIT_SECONDS is refused at
+  once (`gpu_busy`) instead of waiting silently;
+- batch lines rank GPU_BATCH_DELAY_SECONDS behind interactive messages:
+  interactive work goes first within a visit, and a batch line that waited
+  that long competes as an equal, so it never starves.
+
+`fifo` (GPU_SCHEDULE=fifo) serves in arrival order with no fast path: the
+behaviour before the scheduler, kept so that the two can be measured side by
+side (bench/switch_load.py).
+
+The order lives in Redis and changes only inside Lua scripts, which Redis
+runs atomically: admission and the worker's choice never interleave, and
+the fast path's lease is granted in the same step that checks the owner, so
+it cannot slip in after the GPU worker decided to hand the GPU over (the
+`hold` flag; the epoch of the state fences the worker's own writes). The GPU
+queue carries one task per admitted request, and a task serves whichever
+request the scheduler picks when it runs: the queue counts the work, Redis
+orders it.
+
+Keys, per slot S:
+  gpu:slot:S:wait:<owner>  zset  message id -> rank (arrival time, + the batch delay)
+  gpu:slot:S:items         hash  message id -> JSON {owner, model, arrived, batch}
+  gpu:slot:S:sched         hash  hold (the GPU is being handed over), and the moving
+                                 averages and totals of switch and service seconds
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+
+from chatsite.redis_client import redis_client
+
+OWNERS = ("local", "ollama", "openai")
+POLICIES = ("grouped", "fifo")
+#: Weight of a new sample in a moving average.
+EWMA_WEIGHT = 0.3
+
+# Shared by the scripts: KEYS = state, leases, sched, items, wait:local,
+# wait:ollama, wait:openai. ARGV[1..5] = policy, gate floor, gate factor,
+# the client's time (lease scores are client times, gpu_manager/leases.py),
+# the service seconds assumed before any was measured.
+_COMMON = """
+local OWNERS = {'local', 'ollama', 'openai'}
+local WAIT = {['local'] = KEYS[5], ['ollama'] = KEYS[6], ['openai'] = KEYS[7]}
+local policy, floor, factor = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local client_now, serve_default = tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+
+local function num(field, default)
+  local v = redis.call('HGET', KEYS[3], field)
+  if v then return tonumber(v) end
+  return default
+end
+-- The cost of one switch: the mean of the two directions' moving averages
+-- (to local: Ollama unloaded and the model loaded; to Ollama: local engines
+-- unloaded and Ollama's own load, which the CPU worker reports).
+local function switch_cost()
+  local to_local = num('switch:local', nil)
+  local to_ollama = num('switch:external', nil)
+  if to_ollama then to_ollama = to_ollama + num('load:ollama', 0) end
+  if to_local and to_ollama then return (to_local + to_ollama) / 2 end
+  return to_local or to_ollama or 0
+end
+local A = math.max(floor, factor * switch_cost())
+local function head(o)
+  local h = redis.call('ZRANGE', WAIT[o], 0, 0, 'WITHSCORES')
+  if #h == 0 then return nil, nil end
+  return tonumber(h[2]), h[1]
+end
+local function state_owner()
+  return redis.call('HGET', KEYS[1], 'owner') or 'none'
+end
+-- The time at which another owner's oldest request has waited A: the gate
+-- of the current owner's visit closes then (nil: nobody else waits).
+local function gate_time(cur)
+  local g = nil
+  for _, o in ipairs(OWNERS) do
+    if o ~= cur then
+      local s = head(o)
+      if s and (g == nil or s + A < g) then g = s + A end
+    end
+  end
+  return g
+end
+local function live_leases()
+  return redis.call('ZCOUNT', KEYS[2], client_now, '+inf')
+end
+local function serve_seconds(o)
+  return num('serve:' .. o, serve_default)
+end
+"""
+
+# ARGV[6..] = message id, owner, model, batch (0/1), batch delay, max wait,
+# lease TTL. Returns {kind, position, eta (string), current owner}.
+_ADMIT = _COMMON + """
+local id, owner, model = ARGV[6], ARGV[7], ARGV[8]
+local batch, batch_delay = tonumber(ARGV[9]), tonumber(ARGV[10])
+local max_wait, lease_ttl = tonumber(ARGV[11]), tonumber(ARGV[12])
+local cur = state_owner()
+local hold = redis.call('HGET', KEYS[3], 'hold')
+local g = gate_time(cur)
+local gate_open = (g == nil) or now < g
+local S = switch_cost()
+
+if policy == 'grouped' and owner ~= 'local' and owner == cur and not hold and gate_open
+   and redis.call('ZCARD', WAIT[owner]) == 0 then
+  local fast = true
+  if owner == 'ollama' then
+    local locals = cjson.decode(redis.call('HGET', KEYS[1], 'local_models') or '[]')
+    local models = cjson.decode(redis.call('HGET', KEYS[1], 'ollama_models') or '[]')
+    local listed = false
+    for _, m in ipairs(models) do if m == model then listed = true end end
+    fast = listed and #locals == 0
+    if fast then redis.call('ZADD', KEYS[2], client_now + lease_ttl, id) end
+  end
+  if fast then return {'fast', 0, '0', cur} end
+end
+
+-- The projected wait: what is ahead of this request in its own owner's
+-- queue, and, when another owner holds the GPU, the rest of that owner's
+-- visit (cut at the gate), the owners whose turn comes first, and a switch.
+local function work(o)
+  local w = redis.call('ZCARD', WAIT[o]) * serve_seconds(o)
+  if o == 'ollama' and live_leases() > 0 then w = w + serve_seconds(o) end
+  return w
+end
+local ahead = redis.call('ZCARD', WAIT[owner]) * serve_seconds(owner)
+local eta = ahead
+if policy == 'fifo' then
+  for _, o in ipairs(OWNERS) do
+    if o ~= owner then
+      local w = work(o)
+      if w > 0 then eta = eta + w + S end
+    end
+  end
+  if cur ~= owner and eta == ahead then eta = eta + S end
+elseif owner ~= cur or hold or not gate_open then
+  local mine = head(owner) or now
+  local left = math.max(0, mine + A - now)
+  if WAIT[cur] then eta = eta + math.min(work(cur), left + serve_seconds(cur)) end
+  for _, o in ipairs(OWNERS) do
+    local s = head(o)
+    if o ~= owner and o ~= cur and s and s < mine then eta = eta + S + math.min(work(o), A) end
+  end
+  if owner ~= cur then eta = eta + S end
+end
+local position = redis.call('ZCARD', WAIT[owner]) + 1
+if eta > max_wait then return {'busy', position, tostring(eta), cur} end
+redis.call('ZADD', WAIT[owner], now + batch * batch_delay, id)
+redis.call('HSET', KEYS[4], id, cjson.encode({owner = owner, model = model, arrived = now, batch = batch}))
+return {'queued', position, tostring(eta), cur}
+"""
+
+# Returns {'serve', id, item JSON, switch (0/1)}, {'wait', seconds} or {'idle'}.
+_NEXT = _COMMON + """
+local cur = state_owner()
+
+local function take(o, id, switch)
+  redis.call('ZREM', WAIT[o], id)
+  local item = redis.call('HGET', KEYS[4], id) or cjson.encode({owner = o, model = '', arrived = now, batch = 0})
+  redis.call('HDEL', KEYS[4], id)
+  if switch == 1 then redis.call('HSET', KEYS[3], 'hold', '1') end
+  return {'serve', id, item, switch}
+end
+
+local function resident(o)
+  local field = (o == 'local') and 'local_models' or 'ollama_models'
+  local set = {}
+  for _, m in ipairs(cjson.decode(redis.call('HGET', KEYS[1], field) or '[]')) do set[m] = true end
+  return set
+end
+
+if policy == 'fifo' then
+  local best, best_id, best_owner = nil, nil, nil
+  for _, o in ipairs(OWNERS) do
+    local s, id = head(o)
+    if s and (best == nil or s < best) then best, best_id, best_owner = s, id, o end
+  end
+  if best == nil then return {'idle'} end
+  return take(best_owner, best_id, (best_owner ~= cur) and 1 or 0)
+end
+
+local g = gate_time(cur)
+local closed = g ~= nil and now >= g
+if WAIT[cur] and not (cur == 'ollama' and closed) then
+  -- The current owner's visit goes on: its work that arrived before the
+  -- gate closed (all of it while the gate is open), resident models first,
+  -- but never past a request of its own that waited A (a cold model is
+  -- not starved by a hot one).
+  local upto = closed and ('(' .. g) or '+inf'
+  local ids = redis.call('ZRANGEBYSCORE', WAIT[cur], '-inf', upto, 'WITHSCORES', 'LIMIT', 0, 64)
+  if #ids > 0 then
+    if now - tonumber(ids[2]) < A then
+      local hot = resident(cur)
+      for i = 1, #ids, 2 do
+        local raw = redis.call('HGET', KEYS[4], ids[i])
+        if raw and hot[cjson.decode(raw).model] then return take(cur, ids[i], 0) end
+      end
+    end
+    return take(cur, ids[1], 0)
+  end
+end
+
+-- The current owner has no (admissible) waiting work: the visit ends, but
+-- Ollama's generations in flight are its work too, and while the gate is
+-- open new ones may join them; wait for them to end or for the gate.
+local best, best_id, best_owner = nil, nil, nil
+for _, o in ipairs(OWNERS) do
+  if o ~= cur then
+    local s, id = head(o)
+    if s and (best == nil or s < best) then best, best_id, best_owner = s, id, o end
+  end
+end
+if best == nil then return {'idle'} end
+if cur == 'ollama' and not closed and live_leases() > 0 then return {'wait', tostring(g - now)} end
+return take(best_owner, best_id, 1)
+"""
+
+# ARGV = field, seconds. A moving average, its total and its count.
+_OBSERVE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local v = tonumber(ARGV[2])
+if old then v = tonumber(old) * (1 - tonumber(ARGV[3])) + v * tonumber(ARGV[3]) end
+redis.call('HSET', KEYS[1], ARGV[1], tostring(v))
+redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1] .. ':total', ARGV[2])
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':count', 1)
+return tostring(v)
+"""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The scheduler's settings (chatsite/settings.py says what each means)."""
+
+    mode: str = "grouped"
+    gate_floor: float = 2.0
+    gate_factor: float = 4.0
+    batch_delay: float = 30.0
+    max_wait: float = 900.0
+    #: Service seconds assumed for an owner before one was measured.
+    serve_default: float = 2.0
+
+    def __post_init__(self):
+        if self.mode not in POLICIES:
+            raise ValueError(f"GPU_SCHEDULE must be one of {POLICIES}, not {self.mode!r}")
+
+    @classmethod
+    def from_settings(cls) -> "Policy":
+        from django.conf import settings  # read once, where the scheduler is built
+        return cls(mode=settings.GPU_SCHEDULE, gate_floor=settings.GPU_GATE_FLOOR_SECONDS,
+                   gate_factor=settings.GPU_GATE_FACTOR, batch_delay=settings.GPU_BATCH_DELAY_SECONDS,
+                   max_wait=settings.GPU_MAX_WAIT_SECONDS)
+
+
+@dataclass(frozen=True)
+class Admission:
+    #: "fast" (leased, or no GPU step needed: straight to a CPU worker),
+    #: "queued" (waits for the GPU worker) or "busy" (refused, nothing changed).
+    kind: str
+    position: int
+    eta: float
+    #: The GPU's owner when the request came.
+    owner: str
+
+
+@dataclass(frozen=True)
+class Item:
+    message_id: int
+    owner: str
+    model: str
+    arrived: float
+    batch: bool
+
+
+@dataclass(frozen=True)
+class Pick:
+    #: "serve" (`item`), "wait" (Ollama's visit goes on; ask again) or "idle".
+    kind: str
+    item: Item | None = None
+    #: The GPU changes owner for this item (the `hold` is set until
+    #: `handover_done`).
+    switch: bool = False
+
+
+class Scheduler:
+    def __init__(self, *, slot: str, policy: Policy = Policy()):
+        self.slot = slot
+        self.policy = policy
+        base = f"gpu:slot:{slot}"
+        self.sched_key = f"{base}:sched"
+        self.items_key = f"{base}:items"
+        self.wait_keys = {owner: f"{base}:wait:{owner}" for owner in OWNERS}
+        self._keys = [base, f"{base}:leases", self.sched_key, self.items_key,
+                      *(self.wait_keys[o] for o in OWNERS)]
+        self._redis = redis_client()
+        self._admit = self._redis.register_script(_ADMIT)
+        self._next = self._redis.register_script(_NEXT)
+        self._observe = self._redis.register_script(_OBSERVE)
+
+    def _common(self) -> list:
+        p = self.policy
+        return [p.mode, p.gate_floor, p.gate_factor, time.time(), p.serve_default]
+
+    def admit(self, *, message_id: int, owner: str, model: str, batch: bool, lease_ttl: float) -> Admission:
+        """Admit a request for the GPU: a lease at once (external owner that
+        holds the GPU), a place in its owner's queue, or a refusal."""
+        if owner not in OWNERS:
+            raise ValueError(f"unknown GPU owner {owner!r}")
+        kind, position, eta, current = self._admit(
+            keys=self._keys,
+            args=[*self._common(), message_id, owner, model, int(batch), self.policy.batch_delay,
+                  self.policy.max_wait, lease_ttl])
+        return Admission(kind=kind, position=int(position), eta=float(eta), owner=current)
+
+    def next(self) -> Pick:
+        """The GPU worker's next request, taken off its queue."""
+        answer = self._next(keys=self._keys, args=self._common())
+        if answer[0] != "serve":
+            return Pick(kind=answer[0])
+        item = json.loads(answer[2])
+        return Pick(kind="serve", switch=bool(answer[3]),
+                    item=Item(message_id=int(answer[1]), owner=item["owner"], model=item["model"],
+                              arrived=float(item["arrived"]), batch=bool(item["batch"])))
+
+    def handover_done(self) -> None:
+        """The switch the last pick asked for ended (or failed): the fast path
+        may grant leases again, under whatever owner the state now names."""
+        self._redis.hdel(self.sched_key, "hold")
+
+    def observe(self, what: str, seconds: float) -> float:
+        """Feed a measured duration: `switch:local`, `switch:external` (a
+        switch's seconds on the GPU worker, to the local models or away from
+        them), `load:ollama` (Ollama's own load, reported by its reply) or
+        `serve:<owner>` (a request's service)."""
+        return float(self._observe(keys=[self.sched_key], args=[what, seconds, EWMA_WEIGHT]))
+
+    def forget(self, message_id: int) -> None:
+        """Drop a request that will not be served (its dispatch failed)."""
+        pipe = self._redis.pipeline()
+        for key in self.wait_keys.values():
+            pipe.zrem(key, str(message_id))
+        pipe.hdel(self.items_key, str(message_id))
+        pipe.execute()
+
+    def snapshot(self) -> dict:
+        """What /api/gpu/ and /metrics show: each owner's waiting count and
+        oldest wait, the gate, the switch-cost estimate and the totals."""
+        r = self._redis
+        now = _redis_now(r)
+        stats = {k: float(v) for k, v in r.hgetall(self.sched_key).items() if k != "hold"}
+        hold = r.hexists(self.sched_key, "hold")
+        waiting, oldest = {}, {}
+        for owner, key in self.wait_keys.items():
+            waiting[owner] = r.zcard(key)
+            head = r.zrange(key, 0, 0, withscores=True)
+            oldest[owner] = round(max(0.0, now - head[0][1]), 3) if head else None
+        cost = switch_cost(stats)
+        gate_age = max(self.policy.gate_floor, self.policy.gate_factor * cost)
+        owner = r.hget(f"gpu:slot:{self.slot}", "owner") or "none"
+        others = [age for o, age in oldest.items() if o != owner and age is not None]
+        closes_in = (gate_age - max(others)) if others else None
+        return {
+            "policy": self.policy.mode,
+            "waiting": waiting,
+            "oldest_wait_seconds": oldest,
+            "gate": {"age_seconds": round(gate_age, 3), "handover": hold,
+                     "closed": closes_in is not None and closes_in <= 0,
+                     "closes_in_seconds": None if closes_in is None else round(max(0.0, closes_in), 3)},
+            "switch_seconds": round(cost, 3),
+            "max_wait_seconds": self.policy.max_wait,
+            "totals": stats,
+        }
+
+    def repair(self) -> None:
+        """At GPU worker start: a predecessor that died mid-switch left the
+        hand-over flag set; this worker holds nothing, so none is under way."""
+        self._redis.hdel(self.sched_key, "hold")
+
+
+def slot_scheduler(slot: str) -> Scheduler:
+    """The scheduler of a GPU slot under this deployment's settings (one per
+    slot and policy, so that its scripts are registered once)."""
+    return _scheduler(slot, Policy.from_settings())
+
+
+@functools.cache
+def _scheduler(slot: str, policy: Policy) -> Scheduler:
+    return Scheduler(slot=slot, policy=policy)
+
+
+def switch_cost(stats: dict[str, float]) -> float:
+    """The switch-cost estimate from the moving averages (as in the scripts)."""
+    to_local = stats.get("switch:local")
+    to_ollama = stats.get("switch:external")
+    if to_ollama is not None:
+        to_ollama += stats.get("load:ollama", 0.0)
+    if to_local is not None and to_ollama is not None:
+        return (to_local + to_ollama) / 2
+    return to_local if to_local is not None else (to_ollama or 0.0)
+
+
+def _redis_now(r) -> float:
+    seconds, micros = r.time()
+    return seconds + micros / 1e6
