@@ -8,6 +8,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from chat import services
 from chat.jsonbody import BadJson, json_object
+from chat.dispatch import queued_frame
 from chat.relay import message_group
 from chat.services import ChatInputError
 from chatsite.errors import CodedError
@@ -76,6 +77,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         await self.send_json({"type": "chat.accepted", "client_id": client_id,
                               "conversation": reply.conversation_id, "message": reply.pk})
+        # Before any frame of the worker's: this consumer handles one event
+        # at a time, and the group's frames wait for this handler to end.
+        queued = queued_frame(reply.pk, reply.admission)
+        if queued is not None:
+            await self.send_json(queued)
 
     async def chat_cancel(self, frame: dict) -> None:
         message_id = frame.get("message")

@@ -113,7 +113,8 @@ def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | No
     one whose owner holds the GPU while the gate is open takes its lease at
     once and goes straight to a CPU worker (no GPU-queue hop); one whose
     projected wait is over GPU_MAX_WAIT_SECONDS ends at once with
-    `gpu_busy` and its estimate. A queued request tells its socket its place.
+    `gpu_busy` and its estimate. The caller shows a waiting request its
+    place (`queued_frame`).
 
     `priority` (batch lines: settings.BATCH_PRIORITY) goes on every step
     and ranks the line behind interactive work in the scheduler. A broker
@@ -137,17 +138,23 @@ def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | No
             else:
                 task = queues.GPU_GENERATE if local else queues.GPU_ACQUIRE
                 app.signature(task, args=(message_id,), queue=queues.gpu_queue(slot), **options).apply_async()
-                if admission.owner != choice.kind or admission.position > 1:
-                    group_send(message_group(message_id), {
-                        "type": "gpu.switch", "message": message_id, "phase": "queued",
-                        "owner": admission.owner, "position": admission.position,
-                        "eta_seconds": round(admission.eta, 1)})
         else:
             app.signature(queues.CPU_GENERATE, args=(message_id,), **options).apply_async()
     except Exception as exc:  # the broker refused: see the docstring
         log.exception("could not queue message %s", message_id)
         message_fail(message_id=message_id, code="queue_unavailable", detail=f"Could not queue the message: {exc}")
     return admission
+
+
+def queued_frame(message_id: int, admission: Admission | None) -> dict | None:
+    """The `gpu.switch` frame (phase `queued`) that tells a waiting request's
+    socket its place, whose the GPU is, and about when its turn comes; None
+    when it does not wait. Sent by the consumer that accepted the message,
+    right after `chat.accepted`: before any frame of the worker's."""
+    if admission is None or not admission.waits:
+        return None
+    return {"type": "gpu.switch", "message": message_id, "phase": "queued", "owner": admission.owner,
+            "position": admission.position, "eta_seconds": round(admission.eta, 1)}
 
 
 def _busy_detail(admission: Admission) -> str:

@@ -9,6 +9,7 @@ from chat.catalog import PREFIXES, catalog_list, default_model_name
 from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus, ModelConfig, ModelKind
 from chatsite.openai_client import OpenAIEndpointError, openai_models
 from chatsite.ollama_client import OllamaError, ollama_tags
+from gpu_manager.scheduler import slot_scheduler
 from gpu_manager.state import GpuStateStore, gpu_slots
 
 
@@ -21,7 +22,8 @@ def slots_known() -> list[str]:
 def gpu_status(*, events_limit: int = 500) -> dict:
     """CONTRACT §5. Memory figures are the GPU worker's, read at its start and
     after each transition: the web process holds no model and must not
-    probe the device."""
+    probe the device. Beyond the contract, each slot's `scheduler`: who
+    waits for it, the gate and the switch-cost estimate (Scheduler.snapshot)."""
     slots, events = [], []
     for slot in slots_known():
         store = GpuStateStore(slot=slot)
@@ -35,6 +37,7 @@ def gpu_status(*, events_limit: int = 500) -> dict:
             "ollama_models": state.ollama_models,
             "memory": store.memory(),
             "epoch": state.epoch,
+            "scheduler": slot_scheduler(slot).snapshot(),
         })
     events.sort(key=lambda e: e["at"])
     return {"slots": slots, "events": [_public_event(e) for e in events[-events_limit:]]}
@@ -101,10 +104,11 @@ def message_get(*, user, message_id: int) -> Message:
 
 def queue_positions(*, message_ids: list[int]) -> dict[int, int]:
     """How many replies are ahead of each queued one: every unfinished reply
-    queued before it, of any user. The GPU worker takes requests in arrival
-    order (README), so this is the wait a user can expect; a reply for an
-    OpenAI endpoint that does not use the GPU is counted although it does not
-    wait for it, which makes the figure an upper bound."""
+    queued before it, of any user. A rough figure, for a page that reloads
+    while a reply waits: the GPU's scheduler serves by owner, not in arrival
+    order (gpu_manager/scheduler.py), and a reply for an OpenAI endpoint that
+    does not use the GPU is counted although it does not wait for it. The
+    scheduler's own place comes in the reply's `queued` frame."""
     if not message_ids:
         return {}
     ahead = list(

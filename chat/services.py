@@ -32,7 +32,9 @@ def message_enqueue(
 
     `subscribe(message_id)` runs after the commit and before the dispatch, so
     that the caller listens on the reply's group before any frame is sent.
-    `priority`: see `message_dispatch`.
+    `priority`: see `message_dispatch`. The reply returned carries the GPU
+    scheduler's answer as `reply.admission` (None: no GPU involved, or the
+    commit is not over yet, inside an outer transaction).
     """
     if priority is None:
         # Interactive messages (socket, /v1/chat/completions) count against
@@ -70,13 +72,14 @@ def message_enqueue(
         reply = Message.objects.create(conversation=conversation, role=Message.Role.ASSISTANT,
                                        model_name=choice.name, client_id=client_id,
                                        status=MessageStatus.QUEUED, queued_at=now)
+        reply.admission = None
 
         def after_commit() -> None:
             try:
                 if subscribe:
                     subscribe(reply.pk)
             finally:
-                message_dispatch(message_id=reply.pk, choice=choice, priority=priority)
+                reply.admission = message_dispatch(message_id=reply.pk, choice=choice, priority=priority)
 
         transaction.on_commit(after_commit)
     return reply

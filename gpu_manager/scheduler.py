@@ -283,6 +283,14 @@ class Admission:
     eta: float
     #: The GPU's owner when the request came.
     owner: str
+    #: The owner the request asked for.
+    requested: str = ""
+
+    @property
+    def waits(self) -> bool:
+        """Queued behind someone: another owner holds the GPU, or requests
+        of its own owner are ahead."""
+        return self.kind == "queued" and (self.owner != self.requested or self.position > 1)
 
 
 @dataclass(frozen=True)
@@ -332,7 +340,7 @@ class Scheduler:
             keys=self._keys,
             args=[*self._common(), message_id, owner, model, int(batch), self.policy.batch_delay,
                   self.policy.max_wait, lease_ttl])
-        return Admission(kind=kind, position=int(position), eta=float(eta), owner=current)
+        return Admission(kind=kind, position=int(position), eta=float(eta), owner=current, requested=owner)
 
     def next(self) -> Pick:
         """The GPU worker's next request, taken off its queue."""

@@ -48,7 +48,9 @@ async def test_local_then_ollama_then_local(ws_headers, demo_model, workers, sta
     first_chat = stack.ollama.requests_to("/api/chat")[0]
     assert unload["at"] < first_chat.at
     phases = [f["phase"] for f in frames if f["type"] == "gpu.switch"]
-    assert phases[:2] == ["unloading_local", "unloaded_local"] and "owner" in phases
+    # First its place in the scheduler's queue: the GPU was the local model's.
+    assert phases[0] == "queued" and next(f for f in frames if f["type"] == "gpu.switch")["owner"] == "local"
+    assert phases[1:3] == ["unloading_local", "unloaded_local"] and "owner" in phases
     state = store().read()
     assert (state.owner, state.local_models, state.ollama_models) == ("ollama", [], ["qwen:7b"])
 

@@ -158,9 +158,11 @@ def test_gpu_api_reflects_the_stored_state(logged_in, test_slots):
     slots = {s["slot"]: s for s in body["slots"]}
     assert set(TEST_SLOTS) <= set(slots)
     for slot in body["slots"]:
-        assert set(slot) == {"slot", "owner", "local_models", "ollama_models", "memory", "epoch"}
+        # The contract's keys, and the scheduler's (tests/test_gpu_schedule_view.py).
+        assert set(slot) == {"slot", "owner", "local_models", "ollama_models", "memory", "epoch", "scheduler"}
         assert set(slot["memory"]) == {"device", "allocated", "reserved", "free", "total"}
         assert slot["owner"] in ("local", "ollama", "openai", "none")
+    assert slots["test-slot"].pop("scheduler")["policy"] == settings.GPU_SCHEDULE
     assert slots["test-slot"] == {"slot": "test-slot", "owner": "local", "local_models": ["local_demo"],
                                   "ollama_models": [], "memory": memory, "epoch": state.epoch}
     assert slots["test-slot-b"]["owner"] == "ollama"

@@ -209,8 +209,15 @@ def gpu_prelude(*, manager: GpuManager, scheduler: Scheduler, hint: int | None,
 
 
 def _unscheduled(message_id: int) -> bool:
-    return (Message.objects.filter(pk=message_id).exclude(status__in=FINISHED_STATUSES).exists()
-            and reply_claim_holder(message_id) is None)
+    """An unfinished reply that no run holds (this task's own message, when
+    the scheduler has nothing left: was it ever admitted?)."""
+    if not Message.objects.filter(pk=message_id).exclude(status__in=FINISHED_STATUSES).exists():
+        return False
+    holder = reply_claim_holder(message_id)
+    if holder is not None:
+        log.info("message %s: another run is working on this reply (%s); this delivery does nothing",
+                 message_id, holder)
+    return holder is None
 
 
 def _gpu_serve(item: Item, *, manager: GpuManager, scheduler: Scheduler,

@@ -1,7 +1,8 @@
-// The GPU panel: who owns the GPU, what is resident, memory, the last switch
-// and recent transitions, from GET /api/gpu/ (CONTRACT §5). It refreshes on
-// every gpu.switch frame of this user's messages (the "owner" frame is shown
-// before the refresh returns) and polls for everyone else's switches.
+// The GPU panel: who owns the GPU, what is resident, who waits for it,
+// memory, the last switch and recent transitions, from GET /api/gpu/
+// (CONTRACT §5). It refreshes on every gpu.switch frame of this user's
+// messages (the "owner" frame is shown before the refresh returns) and polls
+// for everyone else's switches.
 import { el, getJSON, humanBytes, seconds } from "./util.js";
 
 const POLL_MS = 3000;
@@ -34,6 +35,29 @@ export function eventText(e) {
     default:
       return `${e.kind} ${model}`;
   }
+}
+
+// One line for a slot's scheduler (Scheduler.snapshot, gpu_manager/
+// scheduler.py): who waits, the gate of the current owner's visit, and what
+// a switch costs, e.g. "waiting: local 3, Ollama 1 · gate closes in 4 s ·
+// switch ≈ 1.20 s".
+function schedulerText(sched) {
+  const names = { local: gettext("local"), ollama: "Ollama", openai: "OpenAI" };
+  const waiting = Object.entries(sched.waiting || {}).filter(([, n]) => n > 0)
+    .map(([owner, n]) => `${names[owner] || owner} ${n}`);
+  const parts = [waiting.length ? interpolate(gettext("waiting: %(list)s"), { list: waiting.join(", ") }, true)
+    : gettext("nobody waiting")];
+  const gate = sched.gate || {};
+  if (gate.handover) parts.push(gettext("handing over"));
+  else if (gate.closed) parts.push(gettext("gate closed"));
+  else if (gate.closes_in_seconds != null) {
+    parts.push(interpolate(gettext("gate closes in %(s)s s"), { s: Math.ceil(gate.closes_in_seconds) }, true));
+  }
+  if (sched.switch_seconds) {
+    parts.push(interpolate(gettext("switch ≈ %(s)s"), { s: seconds(sched.switch_seconds) }, true));
+  }
+  if (sched.policy === "fifo") parts.push(gettext("arrival order"));
+  return parts.join(" · ");
 }
 
 function timeOf(at) {
@@ -119,6 +143,7 @@ export class GpuPanel {
       [gettext("Resident"), resident.length ? resident.join(", ") : gettext("none"), "resident"],
       [gettext("Device"), mem.device || "—", "device"],
     ];
+    if (s.scheduler) rows.push([gettext("Queue"), schedulerText(s.scheduler), "queue"]);
     for (const [label, value, key] of rows) {
       const dd = el("dd", "", value);
       dd.dataset[key] = "";

@@ -43,6 +43,24 @@ function switchText(f) {
   return { text, values };
 }
 
+// A message waiting for the GPU: its place in its owner's queue and the
+// scheduler's estimate (gpu_manager/scheduler.py). The sentence names who
+// holds the GPU when that is not the message's own side.
+function queuedText(f, kind) {
+  const values = { n: f.position, s: Math.max(1, Math.round(Number(f.eta_seconds) || 0)) };
+  const text = {
+    local: gettext("Queued, place %(n)s — the GPU is the local models'; your turn in about %(s)s s"),
+    ollama: gettext("Queued, place %(n)s — the GPU is Ollama's; your turn in about %(s)s s"),
+    openai: gettext("Queued, place %(n)s — the GPU is an OpenAI endpoint's; your turn in about %(s)s s"),
+  }[f.owner];
+  return interpolate(f.owner === kind || !text ? gettext("Queued, place %(n)s; about %(s)s s") : text, values, true);
+}
+
+// What a model's name says of its kind (chat/catalog.py PREFIXES).
+function kindOf(model) {
+  return /^(ollama|openai)_/.exec(model)?.[1] || "local";
+}
+
 // Phases of one step share a key: "unloading_local" and "unloaded_local" of
 // a model, or Ollama's unload of one endpoint however it ends.
 function stepKey(f) {
@@ -116,6 +134,7 @@ export class Reply {
     if (this.done || !Number.isInteger(seq) || this.held.has(seq) || (this.anchored && seq < this.nextSeq)) return;
     this.held.set(seq, String(text ?? ""));
     this.status = "running";
+    this.queueNote?.remove();
     if (!this.anchored) this.anchor();
     this.drain();
     this.render();
@@ -162,6 +181,7 @@ export class Reply {
   }
 
   step(frame) {
+    if (frame.phase === "queued") { this.queued(frame); return; }
     const { text, values } = switchText(frame);
     values.freed = this.fmt.bytes(frame.freed_bytes);
     values.owner = this.fmt.owner(frame.owner);
@@ -181,6 +201,24 @@ export class Reply {
     this.render();
   }
 
+  get queueNote() { return this.steps.querySelector("li[data-key='queued']"); }
+
+  // The queue note stands until the GPU work for the reply begins (any
+  // other step), its text does, or it ends. The dispatcher sends it after
+  // queueing the task, so the worker's first frames can overtake it: a
+  // note that comes after them is stale.
+  queued(frame) {
+    let li = this.queueNote;
+    if (this.done || this.status !== "queued" || (!li && this.steps.children.length)) return;
+    if (!li) {
+      li = el("li", "active");
+      li.dataset.key = "queued";
+      this.steps.append(li);
+    }
+    li.textContent = queuedText(frame, kindOf(this.model));
+    this.render();
+  }
+
   // Steps still "in progress" when another begins (or the reply ends) are
   // over. One that asked Ollama to unload and heard of nothing unloaded
   // found nothing loaded: the GPU manager only reports unloads that freed
@@ -188,6 +226,7 @@ export class Reply {
   stepsEnd(except) {
     for (const li of this.steps.querySelectorAll("li.active")) {
       if (li === except) continue;
+      if (li.dataset.key === "queued") { li.remove(); continue; }
       li.classList.remove("active");
       if (li.dataset.key.startsWith("ollama_unload:")) li.textContent = gettext("Ollama had nothing on the GPU");
       if (li.dataset.key === "waiting_for_ollama") li.textContent = gettext("Ollama's replies have finished");
