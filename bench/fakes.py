@@ -3,6 +3,8 @@
 
     POST /_bench/config {"reply": "...", "token_delay": 0.0}   set attributes, forget recordings
     GET  /_bench/stats                                          generations and their peak concurrency
+    GET  /_bench/recordings                                     the recordings themselves (time.time()):
+                                                                generations, residency, loads
 
     .venv/bin/python bench/fakes.py --ready-file PATH   # writes {"ollama": URL, "openai": URL}
 """
@@ -26,7 +28,7 @@ from tests.fakes.openai import FakeOpenAI  # noqa: E402
 # listens with the system's maximum.
 http._HTTPServer.request_queue_size = 1024
 
-TUNABLE = {"reply", "token_delay", "unload_delay"}
+TUNABLE = {"reply", "token_delay", "unload_delay", "load_delay"}
 
 
 def peak_concurrency(intervals: list[tuple[float, float]]) -> int:
@@ -50,6 +52,12 @@ class _Tunable:
             generations = list(getattr(self, "generations", []))
             return h.send_json(200, {"generations": len(generations),
                                      "peak_concurrency": peak_concurrency(generations)})
+        if h.route == "/_bench/recordings" and h.command == "GET":
+            # Ollama's own log, for I1 checked against the GPU events
+            # (bench/switch_load.py, as tests/test_arbitration.py does).
+            return h.send_json(200, {"generations": list(getattr(self, "generations", [])),
+                                     "residency": [list(r) for r in getattr(self, "residency", [])],
+                                     "loads": list(getattr(self, "loads", []))})
         return super().handle(h)
 
 

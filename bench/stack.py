@@ -80,13 +80,19 @@ class Fakes:
     def stats(self, server: str) -> dict:
         return httpx.get(f"{self.urls[server]}/_bench/stats", timeout=5).json()
 
+    def recordings(self, server: str) -> dict:
+        return httpx.get(f"{self.urls[server]}/_bench/recordings", timeout=30).json()
+
 
 class BenchStack:
-    def __init__(self, *, asgi: str = "uvicorn", keep: bool = False):
+    def __init__(self, *, asgi: str = "uvicorn", keep: bool = False, env: dict[str, str] | None = None):
+        """`env`: settings added to every process's environment (a
+        benchmark's own, e.g. GPU_SCHEDULE), over `make run`'s defaults."""
         if asgi not in ("uvicorn", "daphne"):
             raise ValueError(asgi)
         self.asgi = asgi
         self.keep = keep
+        self.extra_env = dict(env or {})
         self.var = Path(tempfile.mkdtemp(prefix=f"chat-bench-{asgi}-"))
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -124,6 +130,7 @@ class BenchStack:
             # One user sends hundreds of messages a minute here: the
             # per-user rate limit (20 a minute by default) is off.
             "CHAT_RATE_LIMIT_MESSAGES": "0",
+            **self.extra_env,
         }
         subprocess.run([sys.executable, "manage.py", "shell", "-c", (
             "from django.core.management import call_command as c; c('migrate', verbosity=0); "
@@ -179,6 +186,20 @@ class BenchStack:
         proc.wait(timeout=30)
         self._spawn(name, self.argv[name], {**self.env, **env})
 
+    def restart_all(self, **env: str) -> None:
+        """Restart the web server and both workers with `env` added for good
+        (workers and the web process read settings at start), and wait until
+        /readyz answers again. Redis, the fakes and the database stay."""
+        self.env.update(env)
+        for name in ("web", "gpu-worker", "cpu-worker"):
+            self.restart(name)
+        self._wait(self._ready, "/readyz")
+
+    def shell(self, code: str) -> str:
+        """Run `code` in `manage.py shell` under the stack's settings; its stdout."""
+        return subprocess.run([sys.executable, "manage.py", "shell", "-c", code], cwd=ROOT, env=self.env,
+                              check=True, capture_output=True, text=True).stdout
+
     def _spawn(self, name: str, argv: list[str], env) -> None:
         self.argv[name] = argv
         log = open(self.var / f"{name}.log", "ab")
@@ -220,6 +241,9 @@ class BenchStack:
 
     def fake_stats(self, server: str) -> dict:
         return self.fake_servers.stats(server)
+
+    def fake_recordings(self, server: str) -> dict:
+        return self.fake_servers.recordings(server)
 
     async def connect(self) -> "Conn":
         ws = await websockets.connect(self.base.replace("http", "ws", 1) + "/ws/chat/", max_size=None,

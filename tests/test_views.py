@@ -8,6 +8,7 @@ import time
 import pytest
 import redis
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.test import AsyncClient, Client
 from redis.backoff import NoBackoff
 from redis.retry import Retry

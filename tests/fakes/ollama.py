@@ -16,7 +16,11 @@ Model residency is modelled because the GPU manager watches it: a chat or
 generate loads the model (``/api/ps`` lists it with ``size_vram``); an unload
 is *answered at once* but the model stays in ``/api/ps`` for
 ``unload_delay`` seconds, because real Ollama replies to the unload before
-the runner has exited and VRAM is actually free.  Names without a tag
+the runner has exited and VRAM is actually free.  A request that finds its
+model not loaded waits ``load_delay`` seconds for the load (0: none), as a
+real Ollama does (about 6.6 s for a 7B model, issue 13); requests that come
+while the load is under way wait for that same load, and each reports the
+seconds it waited as ``load_duration``.  Names without a tag
 resolve to ``:latest`` as in Ollama.  ``stop()`` forgets loaded models (a
 restarted Ollama has nothing in VRAM).
 
@@ -82,7 +86,7 @@ class FakeOllama(FakeServer):
     tests may change at any time (even while the server runs)."""
 
     def __init__(self, *, models=("qwen:7b",), reply: str = "Hello from fake Ollama.",
-                 token_delay: float = 0.0, unload_delay: float = 0.0,
+                 token_delay: float = 0.0, unload_delay: float = 0.0, load_delay: float = 0.0,
                  size_vram: int = 2_370_000_000, fail: str | None = None,
                  slow_seconds: float = 30.0, host: str = "127.0.0.1", port: int = 0):
         super().__init__(host, port)
@@ -90,11 +94,13 @@ class FakeOllama(FakeServer):
         self.reply = reply
         self.token_delay = token_delay
         self.unload_delay = unload_delay
+        self.load_delay = load_delay
         self.size_vram = size_vram
         self.fail = fail
         self.slow_seconds = slow_seconds
         self._lock = threading.Lock()
         self._loaded: dict[str, float | None] = {}  # tag -> time it leaves /api/ps
+        self._ready_at: dict[str, float] = {}  # tag -> time its load (load_delay) ends
         #: Every /api/ps answer as (at, models): the proof a test needs that
         #: the server was seen empty, and when.
         self.ps_answers: list[PsAnswer] = []
@@ -103,14 +109,28 @@ class FakeOllama(FakeServer):
         #: [tag, loaded_at, unloaded_at or None] and (started, ended).
         self.residency: list[list] = []
         self.generations: list[tuple[float, float]] = []
+        #: Loads that cost load_delay, as (started, ready).
+        self.loads: list[tuple[float, float]] = []
 
     # -- residency (what /api/ps reports) --------------------------------------
     def load(self, tag: str) -> None:
         """Mark ``tag`` as loaded (test setup)."""
+        self._load(tag, delay=0.0)
+
+    def _load(self, tag: str, *, delay: float) -> float:
+        """Load ``tag`` (residency starts now: a load takes the memory
+        first) and return the seconds until it is ready: ``delay`` for a
+        model that was not loaded, what is left of its load for one being
+        loaded, 0 for a loaded one."""
+        tag, now = _norm(tag), time.time()
         with self._lock:
-            if _norm(tag) not in self._loaded:
-                self.residency.append([_norm(tag), time.time(), None])
-            self._loaded[_norm(tag)] = None
+            if tag not in self._loaded:
+                self.residency.append([tag, now, None])
+                if delay > 0:
+                    self._ready_at[tag] = now + delay
+                    self.loads.append((now, now + delay))
+            self._loaded[tag] = None
+            return max(0.0, self._ready_at.get(tag, now) - now)
 
     def _schedule_unload(self, tag: str) -> None:
         with self._lock:
@@ -124,6 +144,7 @@ class FakeOllama(FakeServer):
             for tag, gone_at in list(self._loaded.items()):
                 if gone_at is not None and gone_at <= now:
                     del self._loaded[tag]
+                    self._ready_at.pop(tag, None)
                     for interval in self.residency:
                         if interval[0] == tag and interval[2] is None:
                             interval[2] = gone_at
@@ -133,6 +154,7 @@ class FakeOllama(FakeServer):
         super().stop()
         with self._lock:
             self._loaded.clear()
+            self._ready_at.clear()
             for interval in self.residency:
                 if interval[2] is None:
                     interval[2] = time.time()
@@ -141,6 +163,7 @@ class FakeOllama(FakeServer):
         super().clear()
         self.ps_answers = []
         self.generations = []
+        self.loads = []
         with self._lock:
             self.residency = [r for r in self.residency if r[2] is None]
 
@@ -148,6 +171,7 @@ class FakeOllama(FakeServer):
         """Forget loaded models and recordings: a freshly started server."""
         with self._lock:
             self._loaded.clear()
+            self._ready_at.clear()
         self.clear()
 
     def _known(self, tag: str) -> bool:
@@ -199,7 +223,8 @@ class FakeOllama(FakeServer):
             return h.send_json(200, {"model": model, "created_at": _now_rfc3339(), field: empty,
                                      "done_reason": "unload", "done": True})
         was_loaded = _norm(model) in self.loaded_models()
-        self.load(model)
+        load_wait = self._load(model, delay=self.load_delay)
+        self.sleep(load_wait)
         if prompt_empty:
             return h.send_json(200, {"model": model, "created_at": _now_rfc3339(), field: empty,
                                      "done_reason": "load", "done": True})
@@ -210,13 +235,13 @@ class FakeOllama(FakeServer):
             self.sleep(self.slow_seconds)
         started = time.time()
         try:
-            self._reply(h, body, model, chat, field, was_loaded, fail)
+            self._reply(h, body, model, chat, field, was_loaded, fail, load_wait)
         finally:
             self.generations.append((started, time.time()))
         if unload:
             self._schedule_unload(model)
 
-    def _reply(self, h, body, model, chat, field, was_loaded, fail) -> None:
+    def _reply(self, h, body, model, chat, field, was_loaded, fail, load_wait=0.0) -> None:
         started = time.monotonic_ns()
         tokens = split_tokens(self.reply)
         texts = [m.get("content") or "" for m in body.get("messages") or []] if chat \
@@ -230,7 +255,8 @@ class FakeOllama(FakeServer):
             total = time.monotonic_ns() - started
             return {"model": model, "created_at": _now_rfc3339(), field: piece(text), "done": True,
                     "done_reason": "stop", "total_duration": total + 1,
-                    "load_duration": 1_000 if was_loaded else 500_000_000,
+                    "load_duration": (int(load_wait * 1e9) if load_wait else 1_000) if self.load_delay
+                    else (1_000 if was_loaded else 500_000_000),
                     "prompt_eval_count": prompt_count, "prompt_eval_duration": 1_000_000,
                     "eval_count": len(tokens), "eval_duration": total}
 
