@@ -167,6 +167,10 @@ elseif owner ~= cur or hold or not gate_open then
   if owner ~= cur then eta = eta + S end
 end
 local position = redis.call('ZCARD', WAIT[owner]) + 1
+if policy == 'fifo' then
+  position = 1
+  for _, o in ipairs(OWNERS) do position = position + redis.call('ZCARD', WAIT[o]) end
+end
 if eta > max_wait then return {'busy', position, tostring(eta), cur} end
 redis.call('ZADD', WAIT[owner], now + batch * batch_delay, id)
 redis.call('HSET', KEYS[4], id, cjson.encode({owner = owner, model = model, arrived = now, batch = batch}))
@@ -374,31 +378,43 @@ class Scheduler:
 
     def snapshot(self) -> dict:
         """What /api/gpu/ and /metrics show: each owner's waiting count and
-        oldest wait, the gate, the switch-cost estimate and the totals."""
-        r = self._redis
-        now = _redis_now(r)
-        stats = {k: float(v) for k, v in r.hgetall(self.sched_key).items() if k != "hold"}
-        hold = r.hexists(self.sched_key, "hold")
+        oldest wait, the gate, the switch-cost estimate, the moving averages
+        (`averages`) and the totals and counts since the slot began."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self.sched_key)
+        pipe.hget(f"gpu:slot:{self.slot}", "owner")
+        for key in self.wait_keys.values():
+            pipe.zcard(key)
+            pipe.zrange(key, 0, 0, withscores=True)
+        (seconds, micros), raw, owner, *queues = pipe.execute()
+        now = seconds + micros / 1e6
+        owner = owner or "none"
         waiting, oldest = {}, {}
-        for owner, key in self.wait_keys.items():
-            waiting[owner] = r.zcard(key)
-            head = r.zrange(key, 0, 0, withscores=True)
-            oldest[owner] = round(max(0.0, now - head[0][1]), 3) if head else None
-        cost = switch_cost(stats)
+        for i, who in enumerate(self.wait_keys):
+            waiting[who] = queues[2 * i]
+            head = queues[2 * i + 1]
+            oldest[who] = round(max(0.0, now - head[0][1]), 3) if head else None
+        averages = {k: float(v) for k, v in raw.items() if k != "hold" and k.count(":") == 1}
+        totals = {k: float(v) for k, v in raw.items() if k.count(":") == 2}
+        cost = switch_cost(averages)
         gate_age = max(self.policy.gate_floor, self.policy.gate_factor * cost)
-        owner = r.hget(f"gpu:slot:{self.slot}", "owner") or "none"
-        others = [age for o, age in oldest.items() if o != owner and age is not None]
-        closes_in = (gate_age - max(others)) if others else None
+        # The gate bounds a visit: only while an owner holds the GPU and
+        # another waits (under fifo there is none).
+        others = [age for who, age in oldest.items() if who != owner and age is not None]
+        closes_in = (gate_age - max(others)) if others and owner in OWNERS and self.policy.mode == "grouped" \
+            else None
         return {
             "policy": self.policy.mode,
             "waiting": waiting,
             "oldest_wait_seconds": oldest,
-            "gate": {"age_seconds": round(gate_age, 3), "handover": hold,
+            "gate": {"age_seconds": round(gate_age, 3), "handover": "hold" in raw,
                      "closed": closes_in is not None and closes_in <= 0,
                      "closes_in_seconds": None if closes_in is None else round(max(0.0, closes_in), 3)},
             "switch_seconds": round(cost, 3),
             "max_wait_seconds": self.policy.max_wait,
-            "totals": stats,
+            "averages": averages,
+            "totals": totals,
         }
 
     def repair(self) -> None:
@@ -429,6 +445,3 @@ def switch_cost(stats: dict[str, float]) -> float:
     return to_local if to_local is not None else (to_ollama or 0.0)
 
 
-def _redis_now(r) -> float:
-    seconds, micros = r.time()
-    return seconds + micros / 1e6

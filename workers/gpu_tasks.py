@@ -13,7 +13,7 @@ from chatsite.logs import message_id_var
 from gpu_manager.manager import GpuManager
 from gpu_manager.scheduler import Scheduler, slot_scheduler
 from workers.base import MessageTask
-from workers.lifecycle import idle_unload_ran, replies_fail_lost
+from workers.lifecycle import gpu_task_running, idle_unload_ran, replies_fail_lost
 from workers.replies import gpu_prelude, local_reply_generate, local_spec, local_specs_preload, ollama_urls
 
 _manager: GpuManager | None = None
@@ -64,6 +64,7 @@ class GpuTask(MessageTask):
 
     def before_start(self, task_id, args, kwargs) -> None:
         super().before_start(task_id, args, kwargs)
+        gpu_task_running.set()
         self.request.message_id = None
         self.request.reply_hold = gpu_prelude(manager=self.manager, scheduler=self.scheduler,
                                               hint=args[0] if args else None, on_pick=self._picked)
@@ -78,6 +79,7 @@ class GpuTask(MessageTask):
         return slot_scheduler(self.manager.slot)
 
     def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:
+        gpu_task_running.clear()
         if getattr(self.request, "message_id", None) is not None:
             self.manager.store.current_set(None)
         super().after_return(status, retval, task_id, args, kwargs, einfo)

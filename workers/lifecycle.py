@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 IDLE_UNLOAD_PENDING_KEY = "gpu:slot:{slot}:idle-unload-pending"
 IDLE_REQUEUE_SECONDS = 120.0
 
+#: Set while a GPU task runs in this process (workers/gpu_tasks.py): the
+#: housekeeping thread then queues no wake-up (`scheduler_wake`), since the
+#: running task asks the scheduler again before it ends.
+gpu_task_running = threading.Event()
+
 #: Imported as the worker starts, before it consumes: a message of its queue
 #: delivered earlier was taken by a predecessor (`orphans_restore`).
 PROCESS_STARTED = time.time()
@@ -120,7 +125,7 @@ class WorkerLifecycle:
         manager.state_sync(note="restored after Redis lost it")
         manager.reap_leases()
         replies_redispatch_lost()
-        scheduler_wake(app=self.app, slot=manager.slot, busy=manager.store.current() is not None)
+        scheduler_wake(app=self.app, slot=manager.slot, busy=gpu_task_running.is_set())
         pending = IDLE_UNLOAD_PENDING_KEY.format(slot=manager.slot)
         if manager.idle_engines() and redis_client().set(pending, "1", nx=True, ex=int(IDLE_REQUEUE_SECONDS)):
             self.app.signature(queues.GPU_UNLOAD_IDLE).apply_async(queue=queues.gpu_queue(manager.slot))

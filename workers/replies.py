@@ -30,7 +30,7 @@ from chat.dispatch import (
     ReplyHold, cancel_requested, message_dispatch, message_fail, message_finish, reply_claim_holder, reply_hold,
 )
 from chat.metrics import gpu_wait_observe
-from chat.models import FINISHED_STATUSES, Message, MessageStatus, ModelConfig, ModelKind
+from chat.models import Message, MessageStatus, ModelConfig, ModelKind
 from chat.relay import DeltaRelay, group_send, message_group
 from chatsite import queues
 from chatsite.celery import app
@@ -209,9 +209,10 @@ def gpu_prelude(*, manager: GpuManager, scheduler: Scheduler, hint: int | None,
 
 
 def _unscheduled(message_id: int) -> bool:
-    """An unfinished reply that no run holds (this task's own message, when
-    the scheduler has nothing left: was it ever admitted?)."""
-    if not Message.objects.filter(pk=message_id).exclude(status__in=FINISHED_STATUSES).exists():
+    """A reply still queued that no run holds (this task's own message, when
+    the scheduler has nothing left: was it ever admitted?). A reply a pick
+    served is running (`reply_start`), even before its CPU worker claims it."""
+    if not Message.objects.filter(pk=message_id, status=MessageStatus.QUEUED).exists():
         return False
     holder = reply_claim_holder(message_id)
     if holder is not None:
