@@ -78,11 +78,22 @@ clean:
 
 # Benchmarks (issue 6; docs/BENCHMARKS.md): each prints a table against its
 # floor and writes bench/results/NAME.json. 8.4–9.7 minutes on 2 cores shared
-# with other work (docs/BENCHMARKS.md); the first run also builds a ~1 GB
-# model under var/bench/ (~20 s), kept for later runs.
+# with other work (docs/BENCHMARKS.md), plus about 11 for switch_load; the
+# first run also builds a ~1 GB model under var/bench/ (~20 s), kept for
+# later runs.
 .PHONY: bench
 bench: setup
 	$(BIN)/python bench/all.py
+
+# The switch-aware GPU scheduler against arrival order (issue 13;
+# docs/BENCHMARKS.md, "Switch-aware scheduling"): grouped and fifo side by
+# side with 1 s and 6 s switches, closed-loop and Poisson users, a burst and
+# the fast path; prints the table and its targets, writes
+# bench/results/switch_load.json. About 11 minutes on 2 cores; `make bench`
+# runs it too.
+.PHONY: bench-switch
+bench-switch: setup
+	$(BIN)/python bench/switch_load.py
 
 # Load (issue 7; docs/reliability.md): 100 chat sockets for 60 s against the
 # real stack (private Redis, fake Ollama and OpenAI, the GPU and CPU

@@ -8,6 +8,8 @@ stack share it: a uvicorn stack and a daphne stack run dispatch side by
 side, then the uvicorn one (`make run`'s server) serves streaming and local
 generation. Each script
 also runs on its own (`bench/dispatch.py --help`, ...), with its own stack.
+`switch_load` (issue 13, about 11 minutes) comes last, with a stack of its
+own that it restarts under each GPU_SCHEDULE.
 """
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ def main() -> None:
     started = time.monotonic()
     subprocess.run([sys.executable, str(ROOT / "bench" / "batch.py")], check=True)
     step("batch", seconds, started)
+
+    started = time.monotonic()
+    subprocess.run([sys.executable, str(ROOT / "bench" / "switch_load.py")], check=True)
+    step("switch_load", seconds, started)
     total = time.monotonic() - began
     print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"; total {total / 60:.1f} min")
 
