@@ -1,8 +1,9 @@
 """Leases: how an Ollama generation on a CPU worker holds the GPU.
 
-The GPU worker grants a lease (in queue order, in the acquire step) before
-the generation is queued; the CPU worker renews it while it streams and
-releases it at the end. The GPU worker waits until no lease is live before
+A lease is granted before the generation is queued: by the GPU worker's
+acquire step, or by the scheduler's admission when Ollama already holds
+the GPU (gpu_manager/scheduler.py, the fast path); the CPU worker renews it
+while it streams and releases it at the end. The GPU worker waits until no lease is live before
 it unloads Ollama's models, so no Ollama generation runs while a local
 model is resident (docs/gpu-arbitration.md, I1).
 

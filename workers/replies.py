@@ -5,12 +5,14 @@ Every entry point takes a message id, claims the reply (chat/dispatch.py
 (`message_finish` / `message_fail`). A reply that has already ended (a
 re-delivered task) or that another run holds is left alone.
 
-- GPU worker: `gpu_prelude` (the task prelude: claim, then make the local
-  model resident) hands its claim to `local_reply_generate` (the task body)
-  on the task's own request (workers/gpu_tasks.py); `gpu_acquire_for_reply`
-  frees the GPU for an external model, in queue order.
+- GPU worker: `gpu_prelude` (the task prelude: take the scheduler's pick,
+  claim it, then make the local model resident, or free the GPU for an
+  external model and queue its generation) hands a local model's claim to
+  `local_reply_generate` (the task body) on the task's own request
+  (workers/gpu_tasks.py).
 - CPU workers: `external_reply_generate` streams from Ollama or an
-  OpenAI-compatible endpoint, under the GPU lease the acquire step granted.
+  OpenAI-compatible endpoint, under the GPU lease granted at admission or
+  by the acquire step.
 
 This module never imports torch: the GPU manager is handed in by the GPU
 tasks, so that the CPU worker, which imports this module, stays light.
