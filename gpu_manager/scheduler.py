@@ -14,6 +14,9 @@ still holds, and the wait bound):
   then, Ollama gets no new lease, and the GPU switches once;
 - A = max(GPU_GATE_FLOOR_SECONDS, GPU_GATE_FACTOR x the switch cost), the
   cost a moving average of the switches measured on this slot;
+- a visit whose owner's queue ran empty lingers GPU_LINGER_FACTOR of a
+  switch after its last request ended (anticipatory scheduling): a user
+  whose next message follows its reply within a round trip keeps the GPU;
 - an external message whose owner holds the GPU while the gate is open
   takes its lease at admission and goes straight to a CPU worker (`admit`
   returns "fast");
@@ -57,14 +60,14 @@ POLICIES = ("grouped", "fifo")
 EWMA_WEIGHT = 0.3
 
 # Shared by the scripts: KEYS = state, leases, sched, items, wait:local,
-# wait:ollama, wait:openai. ARGV[1..5] = policy, gate floor, gate factor,
+# wait:ollama, wait:openai. ARGV[1..6] = policy, gate floor, gate factor,
 # the client's time (lease scores are client times, gpu_manager/leases.py),
-# the service seconds assumed before any was measured.
+# the service seconds assumed before any was measured, the linger factor.
 _COMMON = """
 local OWNERS = {'local', 'ollama', 'openai'}
 local WAIT = {['local'] = KEYS[5], ['ollama'] = KEYS[6], ['openai'] = KEYS[7]}
 local policy, floor, factor = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local client_now, serve_default = tonumber(ARGV[4]), tonumber(ARGV[5])
+local client_now, serve_default, linger_factor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
@@ -112,12 +115,12 @@ local function serve_seconds(o)
 end
 """
 
-# ARGV[6..] = message id, owner, model, batch (0/1), batch delay, max wait,
+# ARGV[7..] = message id, owner, model, batch (0/1), batch delay, max wait,
 # lease TTL. Returns {kind, position, eta (string), current owner}.
 _ADMIT = _COMMON + """
-local id, owner, model = ARGV[6], ARGV[7], ARGV[8]
-local batch, batch_delay = tonumber(ARGV[9]), tonumber(ARGV[10])
-local max_wait, lease_ttl = tonumber(ARGV[11]), tonumber(ARGV[12])
+local id, owner, model = ARGV[7], ARGV[8], ARGV[9]
+local batch, batch_delay = tonumber(ARGV[10]), tonumber(ARGV[11])
+local max_wait, lease_ttl = tonumber(ARGV[12]), tonumber(ARGV[13])
 local cur = state_owner()
 local hold = redis.call('HGET', KEYS[3], 'hold')
 local g = gate_time(cur)
@@ -229,7 +232,11 @@ end
 
 -- The current owner has no (admissible) waiting work: the visit ends, but
 -- Ollama's generations in flight are its work too, and while the gate is
--- open new ones may join them; wait for them to end or for the gate.
+-- open new ones may join them; wait for them to end or for the gate. And
+-- while the gate is open, linger a little after the owner's last request
+-- ended (a fraction of a switch): a user, or a batch, whose next request
+-- follows its last reply within a round trip keeps the GPU instead of
+-- paying two switches (anticipatory scheduling).
 local best, best_id, best_owner = nil, nil, nil
 for _, o in ipairs(OWNERS) do
   if o ~= cur then
@@ -238,13 +245,23 @@ for _, o in ipairs(OWNERS) do
   end
 end
 if best == nil then return {'idle'} end
-if cur == 'ollama' and not closed and live_leases() > 0 then return {'wait', tostring(g - now)} end
+if not closed then
+  if cur == 'ollama' and live_leases() > 0 then return {'wait', tostring(g - now)} end
+  local active = num('active:' .. cur, nil)
+  local linger = math.min(A, linger_factor * switch_cost())
+  if active and now - active < linger then return {'wait', tostring(active + linger - now)} end
+end
 return take(best_owner, best_id, 1)
 """
 
-# ARGV = field, seconds. A moving average, its total and its count.
+# ARGV = field, seconds, weight. A moving average, its total and its count;
+# a request's end (`serve:<owner>`) also marks when its owner was last active.
 _OBSERVE = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
+if string.sub(ARGV[1], 1, 6) == 'serve:' then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'active:' .. string.sub(ARGV[1], 7), tostring(tonumber(t[1]) + tonumber(t[2]) / 1000000))
+end
 local v = tonumber(ARGV[2])
 if old then v = tonumber(old) * (1 - tonumber(ARGV[3])) + v * tonumber(ARGV[3]) end
 redis.call('HSET', KEYS[1], ARGV[1], tostring(v))
@@ -265,6 +282,9 @@ class Policy:
     max_wait: float = 900.0
     #: Service seconds assumed for an owner before one was measured.
     serve_default: float = 2.0
+    #: A visit whose owner's queue ran empty lingers this fraction of a
+    #: switch after its last request ended, for the next one.
+    linger_factor: float = 0.25
 
     def __post_init__(self):
         if self.mode not in POLICIES:
@@ -275,7 +295,7 @@ class Policy:
         from django.conf import settings  # read once, where the scheduler is built
         return cls(mode=settings.GPU_SCHEDULE, gate_floor=settings.GPU_GATE_FLOOR_SECONDS,
                    gate_factor=settings.GPU_GATE_FACTOR, batch_delay=settings.GPU_BATCH_DELAY_SECONDS,
-                   max_wait=settings.GPU_MAX_WAIT_SECONDS)
+                   max_wait=settings.GPU_MAX_WAIT_SECONDS, linger_factor=settings.GPU_LINGER_FACTOR)
 
 
 @dataclass(frozen=True)
@@ -333,7 +353,7 @@ class Scheduler:
 
     def _common(self) -> list:
         p = self.policy
-        return [p.mode, p.gate_floor, p.gate_factor, time.time(), p.serve_default]
+        return [p.mode, p.gate_floor, p.gate_factor, time.time(), p.serve_default, p.linger_factor]
 
     def admit(self, *, message_id: int, owner: str, model: str, batch: bool, lease_ttl: float) -> Admission:
         """Admit a request for the GPU: a lease at once (external owner that
@@ -395,7 +415,8 @@ class Scheduler:
             waiting[who] = queues[2 * i]
             head = queues[2 * i + 1]
             oldest[who] = round(max(0.0, now - head[0][1]), 3) if head else None
-        averages = {k: float(v) for k, v in raw.items() if k != "hold" and k.count(":") == 1}
+        averages = {k: float(v) for k, v in raw.items()
+                    if k.count(":") == 1 and not k.startswith("active:")}
         totals = {k: float(v) for k, v in raw.items() if k.count(":") == 2}
         cost = switch_cost(averages)
         gate_age = max(self.policy.gate_floor, self.policy.gate_factor * cost)

@@ -226,3 +226,31 @@ def test_the_gate_age_follows_the_measured_switch_cost(slot):
     assert snapshot["switch_seconds"] == 2.5
     assert snapshot["gate"]["age_seconds"] == 10.0
     assert snapshot["totals"]["switch:local:total"] == 3.0
+
+
+def test_a_visit_lingers_a_fraction_of_a_switch_for_its_owners_next_request(slot):
+    """A closed-loop user's next request comes a round trip after its reply:
+    the GPU waits for it (a quarter of a switch) instead of switching twice."""
+    own(slot, "local", local=["demo"])
+    s = sched(slot, linger_factor=0.25)
+    s.observe("switch:local", 40.0)        # a switch costs 40 s: linger 10 s (A: 160 s)
+    admit(s, 1, "local", "demo")
+    assert picks(s, 1) == [1]
+    s.observe("serve:local", 1.0)          # its reply ended just now
+    admit(s, 2, "ollama", "qwen:7b")
+    assert s.next().kind == "wait"         # the local user may send again
+    admit(s, 3, "local", "demo")
+    assert picks(s, 1) == [3]              # it did: no switch
+    redis_client().hset(s.sched_key, "active:local", time.time() - 11)
+    pick = s.next()                        # it did not, for longer than the linger
+    assert (pick.item.message_id, pick.switch) == (2, True)
+
+
+def test_no_linger_once_the_gate_closed(slot):
+    own(slot, "local", local=["demo"])
+    s = sched(slot, linger_factor=0.25)
+    s.observe("switch:local", 40.0)
+    s.observe("serve:local", 1.0)
+    admit(s, 2, "ollama", "qwen:7b")
+    age(s, 2, 4 * 40.0 + 1)                # A = 4 x the switch cost
+    assert s.next().switch
