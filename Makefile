@@ -78,7 +78,7 @@ clean:
 
 # Benchmarks (issue 6; docs/BENCHMARKS.md): each prints a table against its
 # floor and writes bench/results/NAME.json. 8.4–9.7 minutes on 2 cores shared
-# with other work (docs/BENCHMARKS.md), plus about 11 for switch_load; the
+# with other work (docs/BENCHMARKS.md), plus 7.5-10 for switch_load; the
 # first run also builds a ~1 GB model under var/bench/ (~20 s), kept for
 # later runs.
 .PHONY: bench
@@ -89,7 +89,7 @@ bench: setup
 # docs/BENCHMARKS.md, "Switch-aware scheduling"): grouped and fifo side by
 # side with 1 s and 6 s switches, closed-loop and Poisson users, a burst and
 # the fast path; prints the table and its targets, writes
-# bench/results/switch_load.json. About 11 minutes on 2 cores; `make bench`
+# bench/results/switch_load.json. 7.5-10 minutes on 2 cores; `make bench`
 # runs it too.
 .PHONY: bench-switch
 bench-switch: setup

@@ -8,7 +8,7 @@ stack share it: a uvicorn stack and a daphne stack run dispatch side by
 side, then the uvicorn one (`make run`'s server) serves streaming and local
 generation. Each script
 also runs on its own (`bench/dispatch.py --help`, ...), with its own stack.
-`switch_load` (issue 13, about 11 minutes) comes last, with a stack of its
+`switch_load` (issue 13, 7.5-10 minutes) comes last, with a stack of its
 own that it restarts under each GPU_SCHEDULE.
 """
 from __future__ import annotations

@@ -238,6 +238,7 @@ class GpuManager:
         For Ollama, `holder` (the message id) gets a lease that the
         generation renews while it streams."""
         state = self.store.read()
+        self.lease_waited = 0.0
         ollama_models = list(state.ollama_models)
         if ollama_model and ollama_model not in ollama_models:
             ollama_models.append(ollama_model)

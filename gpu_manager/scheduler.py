@@ -9,8 +9,8 @@ still holds, and the wait bound):
 
 - the current owner's waiting work is served until there is none
   (exhaustive), models already resident first;
-- once another owner's oldest request has waited the gate age A, the gate
-  closes: the current owner finishes only the work that arrived before
+- once another owner's oldest request has waited the gate age A (and the
+  visit has lasted A), the gate closes: the current owner finishes only the work that arrived before
   then, Ollama gets no new lease, and the GPU switches once;
 - A = max(GPU_GATE_FLOOR_SECONDS, GPU_GATE_FACTOR x the switch cost), the
   cost a moving average of the switches measured on this slot;
@@ -42,8 +42,10 @@ orders it.
 Keys, per slot S:
   gpu:slot:S:wait:<owner>  zset  message id -> rank (arrival time, + the batch delay)
   gpu:slot:S:items         hash  message id -> JSON {owner, model, arrived, batch}
-  gpu:slot:S:sched         hash  hold (the GPU is being handed over), and the moving
-                                 averages and totals of switch and service seconds
+  gpu:slot:S:sched         hash  hold (the GPU is being handed over), visit (when the
+                                 current owner's visit began), active:<owner> (when its
+                                 last request ended), and the moving averages and
+                                 totals of switch and service seconds
 """
 from __future__ import annotations
 
@@ -95,8 +97,12 @@ end
 local function state_owner()
   return redis.call('HGET', KEYS[1], 'owner') or 'none'
 end
--- The time at which another owner's oldest request has waited A: the gate
--- of the current owner's visit closes then (nil: nobody else waits).
+-- When the gate of the current owner's visit closes (nil: nobody else
+-- waits): once another owner's oldest request has waited A, but never
+-- less than A after the visit began. A request that waited through the
+-- last visit has waited A already when this one starts; without the
+-- second term the visit would serve one request and hand back: a
+-- switch per request, the loop the gate is there to break.
 local function gate_time(cur)
   local g = nil
   for _, o in ipairs(OWNERS) do
@@ -105,6 +111,7 @@ local function gate_time(cur)
       if s and (g == nil or s + A < g) then g = s + A end
     end
   end
+  if g then g = math.max(g, num('visit', 0) + A) end
   return g
 end
 local function live_leases()
@@ -271,6 +278,13 @@ return tostring(v)
 """
 
 
+_HANDOVER_DONE = """
+local t = redis.call('TIME')
+redis.call('HDEL', KEYS[1], 'hold')
+redis.call('HSET', KEYS[1], 'visit', tostring(tonumber(t[1]) + tonumber(t[2]) / 1000000))
+"""
+
+
 @dataclass(frozen=True)
 class Policy:
     """The scheduler's settings (chatsite/settings.py says what each means)."""
@@ -350,6 +364,7 @@ class Scheduler:
         self._admit = self._redis.register_script(_ADMIT)
         self._next = self._redis.register_script(_NEXT)
         self._observe = self._redis.register_script(_OBSERVE)
+        self._handover_done = self._redis.register_script(_HANDOVER_DONE)
 
     def _common(self) -> list:
         p = self.policy
@@ -377,9 +392,10 @@ class Scheduler:
                               arrived=float(item["arrived"]), batch=bool(item["batch"])))
 
     def handover_done(self) -> None:
-        """The switch the last pick asked for ended (or failed): the fast path
-        may grant leases again, under whatever owner the state now names."""
-        self._redis.hdel(self.sched_key, "hold")
+        """The switch the last pick asked for ended (or failed): the new
+        owner's visit begins, and the fast path may grant leases again,
+        under whatever owner the state now names."""
+        self._handover_done(keys=[self.sched_key])
 
     def observe(self, what: str, seconds: float) -> float:
         """Feed a measured duration: `switch:local`, `switch:external` (a
@@ -417,14 +433,15 @@ class Scheduler:
             oldest[who] = round(max(0.0, now - head[0][1]), 3) if head else None
         averages = {k: float(v) for k, v in raw.items()
                     if k.count(":") == 1 and not k.startswith("active:")}
+        visit = float(raw.get("visit", 0.0))
         totals = {k: float(v) for k, v in raw.items() if k.count(":") == 2}
         cost = switch_cost(averages)
         gate_age = max(self.policy.gate_floor, self.policy.gate_factor * cost)
         # The gate bounds a visit: only while an owner holds the GPU and
         # another waits (under fifo there is none).
         others = [age for who, age in oldest.items() if who != owner and age is not None]
-        closes_in = (gate_age - max(others)) if others and owner in OWNERS and self.policy.mode == "grouped" \
-            else None
+        closes_in = (max(gate_age - max(others), visit + gate_age - now))\
+            if others and owner in OWNERS and self.policy.mode == "grouped" else None
         return {
             "policy": self.policy.mode,
             "waiting": waiting,

@@ -254,3 +254,31 @@ def test_no_linger_once_the_gate_closed(slot):
     admit(s, 2, "ollama", "qwen:7b")
     age(s, 2, 4 * 40.0 + 1)                # A = 4 x the switch cost
     assert s.next().switch
+
+
+def test_a_visit_lasts_the_gate_age_even_when_the_other_side_waited_through_the_last_one(slot):
+    """Requests that waited through the last visit have waited A already when
+    this one begins: its gate still stays open A from its start (else each
+    visit serves one request and hands back)."""
+    own(slot, "local", local=["demo"])
+    s = sched(slot)
+    for i, owner in enumerate(["ollama", "ollama", "local", "local"], start=1):
+        admit(s, i, owner, "demo" if owner == "local" else "qwen:7b")
+    age(s, 1, GATE + 5)
+    age(s, 2, GATE + 5)
+    age(s, 3, GATE + 5)     # the local ones waited longer than A, through Ollama's visit
+    age(s, 4, GATE + 4)
+    first = s.next()
+    assert (first.item.message_id, first.switch) == (3, False)   # local owns: oldest first
+    assert s.next().item.message_id == 4
+    pick = s.next()
+    assert (pick.item.message_id, pick.switch) == (1, True)
+    s.handover_done()                       # Ollama's visit begins now
+    own(slot, "ollama", ollama=["qwen:7b"])
+    admit(s, 5, "local", "demo")
+    age(s, 5, GATE + 1)                     # local has waited A already ...
+    assert picks(s, 1) == [2]               # ... yet Ollama's queue is served
+    assert s.snapshot()["gate"]["closed"] is False
+    redis_client().hset(s.sched_key, "visit", time.time() - GATE - 1)
+    pick = s.next()                         # A after the visit began: the gate closes
+    assert (pick.item.message_id, pick.switch) == (5, True)
