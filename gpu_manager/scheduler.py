@@ -20,8 +20,9 @@ still holds, and the wait bound):
 - an external message whose owner holds the GPU while the gate is open
   takes its lease at admission and goes straight to a CPU worker (`admit`
   returns "fast");
-- a request whose projected wait exceeds GPU_MAX_WAIT_SECONDS is refused at
-  once (`gpu_busy`) instead of waiting silently;
+- an interactive request whose projected wait exceeds GPU_MAX_WAIT_SECONDS
+  is refused at once (`gpu_busy`) instead of waiting silently (a batch line
+  is not: its batch paces it, and a batch may take hours);
 - batch lines rank GPU_BATCH_DELAY_SECONDS behind interactive messages:
   interactive work goes first within a visit, and a batch line that waited
   that long competes as an equal, so it never starves.
@@ -181,7 +182,8 @@ if policy == 'fifo' then
   position = 1
   for _, o in ipairs(OWNERS) do position = position + redis.call('ZCARD', WAIT[o]) end
 end
-if eta > max_wait then return {'busy', position, tostring(eta), cur} end
+-- A batch line is never refused: its batch paces it, and it may take hours.
+if eta > max_wait and batch == 0 then return {'busy', position, tostring(eta), cur} end
 redis.call('ZADD', WAIT[owner], now + batch * batch_delay, id)
 redis.call('HSET', KEYS[4], id, cjson.encode({owner = owner, model = model, arrived = now, batch = batch}))
 return {'queued', position, tostring(eta), cur}

@@ -282,3 +282,13 @@ def test_a_visit_lasts_the_gate_age_even_when_the_other_side_waited_through_the_
     redis_client().hset(s.sched_key, "visit", time.time() - GATE - 1)
     pick = s.next()                         # A after the visit began: the gate closes
     assert (pick.item.message_id, pick.switch) == (5, True)
+
+
+def test_a_batch_line_is_never_refused_for_a_long_wait(slot):
+    own(slot, "ollama", ollama=["qwen:7b"])
+    s = sched(slot, max_wait=5.0, serve_default=2.0)
+    admit(s, 1, "ollama", "qwen:7b")
+    s.observe("switch:local", 6.0)
+    assert admit(s, 2, "local", "demo").kind == "busy"
+    line = admit(s, 3, "local", "demo", batch=True)
+    assert line.kind == "queued" and line.eta > 5.0
