@@ -645,7 +645,7 @@ def report(results: dict, args, started: float, *, write: bool = True) -> None:
     b = g("burst")
     if b:
         target(f"{args.burst} mixed messages at once (the GPU idle): exactly 2 owner changes",
-               str(b["owner_changes_all"]), b["owner_changes_all"] == 2,
+               str(b["owner_changes"]), b["owner_changes"] == 2,
                f"none → Ollama → local; errors {len(b['errors'])}")
     pg, pf = g("probe"), f("probe")
     hops_g = pg["tasks"].get("workers.tasks.gpu_acquire", 0) + pg["tasks"].get("workers.tasks.gpu_serve", 0)

@@ -302,11 +302,13 @@ GPU_GATE_FACTOR = float(os.environ.get("GPU_GATE_FACTOR", 4.0))
 #: When the current owner's queue runs empty and another owner waits, the
 #: GPU stays this fraction of one switch's cost after the owner's last
 #: request ended, while the gate is open (anticipatory scheduling, as disk
-#: schedulers wait a few ms before a seek): a closed-loop user's or a
-#: batch's next request comes within a round trip and keeps the GPU
-#: instead of costing two switches; when none comes, a quarter of a switch
-#: is lost instead of a whole one saved.
-GPU_LINGER_FACTOR = float(os.environ.get("GPU_LINGER_FACTOR", 0.25))
+#: schedulers wait a few ms before a seek). Waiting is renting, switching is
+#: buying: waiting up to one switch's cost before paying for one is the
+#: classic ski-rental rule, never worse than twice the best choice made
+#: knowing the future. A closed-loop user's or a batch's next request
+#: comes within a round trip and keeps the GPU instead of costing two
+#: switches.
+GPU_LINGER_FACTOR = float(os.environ.get("GPU_LINGER_FACTOR", 1.0))
 #: A batch line ranks this many seconds behind an interactive message on
 #: the same GPU: interactive work goes first, and a batch line that has
 #: waited this long competes as an equal (it ages; it never starves).

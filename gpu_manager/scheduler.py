@@ -14,9 +14,10 @@ still holds, and the wait bound):
   then, Ollama gets no new lease, and the GPU switches once;
 - A = max(GPU_GATE_FLOOR_SECONDS, GPU_GATE_FACTOR x the switch cost), the
   cost a moving average of the switches measured on this slot;
-- a visit whose owner's queue ran empty lingers GPU_LINGER_FACTOR of a
-  switch after its last request ended (anticipatory scheduling): a user
-  whose next message follows its reply within a round trip keeps the GPU;
+- a visit whose owner's queue ran empty lingers up to one switch's cost
+  after its last request ended (GPU_LINGER_FACTOR; anticipatory
+  scheduling, ski rental): a user whose next message follows its reply
+  soon keeps the GPU;
 - an external message whose owner holds the GPU while the gate is open
   takes its lease at admission and goes straight to a CPU worker (`admit`
   returns "fast");
@@ -264,12 +265,20 @@ return take(best_owner, best_id, 1)
 """
 
 # ARGV = field, seconds, weight. A moving average, its total and its count;
-# a request's end (`serve:<owner>`) also marks when its owner was last active.
+# a request's end (`serve:<owner>`) also marks when its owner was last
+# active. Requests that waited for the same Ollama load each report it: a
+# load that ended less than its own length after the last one counted is
+# that one again, and is not counted twice.
 _OBSERVE = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
-if string.sub(ARGV[1], 1, 6) == 'serve:' then
-  local t = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 'active:' .. string.sub(ARGV[1], 7), tostring(tonumber(t[1]) + tonumber(t[2]) / 1000000))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local kind, owner = string.match(ARGV[1], '^(%a+):(%a+)$')
+if kind == 'serve' then redis.call('HSET', KEYS[1], 'active:' .. owner, tostring(now)) end
+if kind == 'load' then
+  local last = redis.call('HGET', KEYS[1], 'loaded:' .. owner)
+  if last and now - tonumber(last) < tonumber(ARGV[2]) then return old end
+  redis.call('HSET', KEYS[1], 'loaded:' .. owner, tostring(now))
 end
 local v = tonumber(ARGV[2])
 if old then v = tonumber(old) * (1 - tonumber(ARGV[3])) + v * tonumber(ARGV[3]) end
@@ -300,7 +309,7 @@ class Policy:
     serve_default: float = 2.0
     #: A visit whose owner's queue ran empty lingers this fraction of a
     #: switch after its last request ended, for the next one.
-    linger_factor: float = 0.25
+    linger_factor: float = 1.0
 
     def __post_init__(self):
         if self.mode not in POLICIES:
@@ -404,7 +413,7 @@ class Scheduler:
         switch's seconds on the GPU worker, to the local models or away from
         them), `load:ollama` (Ollama's own load, reported by its reply) or
         `serve:<owner>` (a request's service)."""
-        return float(self._observe(keys=[self.sched_key], args=[what, seconds, EWMA_WEIGHT]))
+        return float(self._observe(keys=[self.sched_key], args=[what, seconds, EWMA_WEIGHT]) or seconds)
 
     def forget(self, message_id: int) -> None:
         """Drop a request that will not be served (its dispatch failed)."""
@@ -434,7 +443,7 @@ class Scheduler:
             head = queues[2 * i + 1]
             oldest[who] = round(max(0.0, now - head[0][1]), 3) if head else None
         averages = {k: float(v) for k, v in raw.items()
-                    if k.count(":") == 1 and not k.startswith("active:")}
+                    if k.count(":") == 1 and k.split(":")[0] in ("switch", "load", "serve")}
         visit = float(raw.get("visit", 0.0))
         totals = {k: float(v) for k, v in raw.items() if k.count(":") == 2}
         cost = switch_cost(averages)

@@ -233,7 +233,7 @@ def test_a_visit_lingers_a_fraction_of_a_switch_for_its_owners_next_request(slot
     the GPU waits for it (a quarter of a switch) instead of switching twice."""
     own(slot, "local", local=["demo"])
     s = sched(slot, linger_factor=0.25)
-    s.observe("switch:local", 40.0)        # a switch costs 40 s: linger 10 s (A: 160 s)
+    s.observe("switch:local", 40.0)        # a switch costs 40 s: linger 10 s (a quarter; A: 160 s)
     admit(s, 1, "local", "demo")
     assert picks(s, 1) == [1]
     s.observe("serve:local", 1.0)          # its reply ended just now
@@ -292,3 +292,10 @@ def test_a_batch_line_is_never_refused_for_a_long_wait(slot):
     assert admit(s, 2, "local", "demo").kind == "busy"
     line = admit(s, 3, "local", "demo", batch=True)
     assert line.kind == "queued" and line.eta > 5.0
+
+
+def test_a_load_that_several_requests_waited_for_is_counted_once(slot):
+    s = sched(slot)
+    for _ in range(5):                      # five requests waited for one 6 s load
+        s.observe("load:ollama", 6.0)
+    assert s.snapshot()["totals"]["load:ollama:total"] == 6.0
