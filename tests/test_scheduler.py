@@ -299,3 +299,23 @@ def test_a_load_that_several_requests_waited_for_is_counted_once(slot):
     for _ in range(5):                      # five requests waited for one 6 s load
         s.observe("load:ollama", 6.0)
     assert s.snapshot()["totals"]["load:ollama:total"] == 6.0
+
+
+def test_requests_that_no_queued_task_would_serve_get_a_wake_up(slot):
+    """A task that ended before its pick leaves a request with no task to
+    serve it: the GPU worker's housekeeping queues a wake-up, once."""
+    from chatsite.celery import app
+    from chatsite.queues import gpu_queue
+    from workers.lifecycle import scheduler_wake
+
+    s = Scheduler(slot=slot)
+    own(slot, "local", local=["demo"])
+    assert not scheduler_wake(app=app, slot=slot, busy=False)    # nothing waits
+    admit(s, 1, "local", "demo")
+    assert not scheduler_wake(app=app, slot=slot, busy=True)     # a running task asks again
+    try:
+        assert scheduler_wake(app=app, slot=slot, busy=False)
+        assert redis_client().llen(gpu_queue(slot)) == 1
+        assert not scheduler_wake(app=app, slot=slot, busy=False)  # one is queued already
+    finally:
+        redis_client().delete(gpu_queue(slot))
