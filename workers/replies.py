@@ -214,13 +214,15 @@ def _unscheduled(message_id: int) -> bool:
     """A reply still queued that no run holds (this task's own message, when
     the scheduler has nothing left: was it ever admitted?). A reply a pick
     served is running (`reply_start`), even before its CPU worker claims it."""
-    if not Message.objects.filter(pk=message_id, status=MessageStatus.QUEUED).exists():
+    status = Message.objects.filter(pk=message_id).values_list("status", flat=True).first()
+    if status not in (MessageStatus.QUEUED, MessageStatus.RUNNING):
         return False
     holder = reply_claim_holder(message_id)
     if holder is not None:
         log.info("message %s: another run is working on this reply (%s); this delivery does nothing",
                  message_id, holder)
-    return holder is None
+        return False
+    return status == MessageStatus.QUEUED
 
 
 def _gpu_serve(item: Item, *, manager: GpuManager, scheduler: Scheduler,
