@@ -25,7 +25,10 @@ from gpu_manager.state import GpuStateStore
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 #: Stages of a reply, each measured from the moment it was queued.
 STAGES = ("started", "first_token", "finished")
-KEY = "metrics"
+#: Histograms keep one count per bucket (not cumulative): the keys moved
+#: from "metrics" when they did, so that old cumulative counts are not read
+#: as per-bucket ones (Prometheus takes the reset of a counter in its stride).
+KEY = "metrics:v2"
 
 
 def gpu_wait_observe(*, slot: str, owner: str, seconds: float) -> None:
@@ -35,10 +38,11 @@ def gpu_wait_observe(*, slot: str, owner: str, seconds: float) -> None:
 
 
 def _histogram_add(pipe, key: str, value: float):
-    for bound in BUCKETS:
-        if value <= bound:
-            pipe.hincrby(key, str(bound), 1)
-    pipe.hincrby(key, "+Inf", 1)
+    """One observation: its own bucket only (the first bound it is under),
+    and the sum; the scrape adds the buckets up into Prometheus's cumulative
+    form (`_buckets`). Two commands instead of one per bucket."""
+    bound = next((str(b) for b in BUCKETS if value <= b), "+Inf")
+    pipe.hincrby(key, bound, 1)
     pipe.hincrbyfloat(key, "sum", value)
     return pipe
 
@@ -120,7 +124,11 @@ class ServiceCollector(Collector):
 
 
 def _buckets(raw: dict) -> tuple[list, float]:
-    cumulative = [(str(b), int(raw.get(str(b), 0))) for b in BUCKETS] + [("+Inf", int(raw.get("+Inf", 0)))]
+    """Per-bucket counts (`_histogram_add`) as Prometheus's cumulative ones."""
+    cumulative, running = [], 0
+    for bound in [*map(str, BUCKETS), "+Inf"]:
+        running += int(raw.get(bound, 0))
+        cumulative.append((bound, running))
     return cumulative, float(raw.get("sum", 0))
 
 

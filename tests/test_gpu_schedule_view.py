@@ -5,6 +5,7 @@ directly, against the suite's Redis: no worker takes them."""
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from chat import metrics
 from chat.metrics import gpu_wait_observe
 from chatsite.redis_client import redis_client
 from gpu_manager.scheduler import Policy, Scheduler
@@ -27,7 +28,7 @@ def slot():
     r = redis_client()
     base = f"gpu:slot:{SLOT}"
     r.delete(base, f"{base}:events", f"{base}:memory", scheduler.sched_key, scheduler.items_key,
-             *scheduler.wait_keys.values(), f"metrics:gpu-wait:{SLOT}:local")
+             *scheduler.wait_keys.values(), f"{metrics.KEY}:gpu-wait:{SLOT}:local")
     r.srem("gpu:slots", SLOT)
 
 

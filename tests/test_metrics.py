@@ -1,7 +1,10 @@
 """/metrics in Prometheus's text format, fed by the real workers."""
+import time
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from chat.metrics import message_observe
 from tests.support.sockets import communicator, send_and_finish
 
 
@@ -31,3 +34,20 @@ async def test_metrics_count_replies_switches_and_queues(ws_headers, demo_model,
     assert found[("gpu_transitions_total", (("kind", "local_unload"), ("slot", "0")))] >= 1
     assert found[("gpu_owner", (("owner", "ollama"), ("slot", "0")))] == 1
     assert found[("gpu_resident_models", (("model", "qwen:7b"), ("side", "ollama"), ("slot", "0")))] == 1
+
+
+@pytest.mark.django_db
+def test_a_histogram_keeps_one_count_per_bucket_and_is_scraped_cumulative(client, stack):
+    """Each observation costs two Redis commands (its bucket and the sum),
+    not one per bucket; the scrape adds the buckets up."""
+    kind = f"test-{time.time_ns()}"
+    for seconds in (0.005, 0.3, 0.3, 400.0):
+        message_observe(kind=kind, status="done", seconds={"finished": seconds})
+    found = samples(client.get("/metrics").content.decode())
+
+    def bucket(le: str) -> float:
+        return found[("chat_reply_finished_seconds_bucket", (("kind", kind), ("le", le)))]
+
+    assert [bucket(le) for le in ("0.01", "0.25", "0.5", "300.0", "+Inf")] == [1, 1, 3, 3, 4]
+    assert found[("chat_reply_finished_seconds_count", (("kind", kind),))] == 4
+    assert found[("chat_reply_finished_seconds_sum", (("kind", kind),))] == pytest.approx(400.605)
