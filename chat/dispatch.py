@@ -262,6 +262,9 @@ class ReplyHold(Keeper):
                          release=lambda: reply_release(message_id, token))
         self.message_id = message_id
         self.deadline = time.monotonic() + settings.GENERATION_DEADLINE_SECONDS
+        #: The reply's model, once the run resolved it (a GPU prelude hands
+        #: it to the task body with the hold, so it is resolved once).
+        self.choice: ModelChoice | None = None
 
 
 def reply_hold(message_id: int) -> ReplyHold | None:

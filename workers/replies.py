@@ -254,6 +254,7 @@ def _gpu_serve(item: Item, *, manager: GpuManager, scheduler: Scheduler,
         hold.stop()
         raise
     if choice.kind == "local":
+        hold.choice = choice  # the body generates with it: the model is resolved once here
         return True, hold
     hold.stop()
     options = {"priority": settings.BATCH_PRIORITY} if item.batch else {}
@@ -270,7 +271,7 @@ def local_reply_generate(*, message_id: int | None, hold: ReplyHold | None, mana
         reply = Message.objects.select_related("conversation").filter(pk=message_id).first()
         if reply is None or reply.is_finished:
             return
-        choice = model_resolve(reply.model_name)
+        choice = hold.choice or model_resolve(reply.model_name)
         run = _Run(reply, hold)
         gen = choice.generation
         began = time.perf_counter()
