@@ -221,7 +221,7 @@ def breakdown(stack: BenchStack, replies) -> dict:
         r = ids[pk]
         sent, got_first, done = r.sent + offset, r.first + offset, r.done + offset
         marks = [("socket → consumer → message stored (queued_at)", sent, unix(queued)),
-                 ("→ GPU worker starts gpu_acquire (started_at)", unix(queued), unix(started)),
+                 ("→ a worker starts the reply (started_at)", unix(queued), unix(started)),
                  ("→ CPU worker sent the first delta (first_token_at)", unix(started), unix(first)),
                  ("→ the first delta reaches the socket", unix(first), got_first),
                  ("→ chat.done reaches the socket", got_first, done)]
@@ -328,8 +328,9 @@ def parser() -> argparse.ArgumentParser:
 def report(raw: dict, starts: dict, args) -> None:
     asgi_list = list(raw)
     summary = {asgi: summarize(raw[asgi]) for asgi in asgi_list}
-    notes = [f"{MODEL} through websocket → Channels → Celery gpu_acquire (gpu queue) → cpu_generate "
-             f"(cpu queue) → fake Ollama → channel layer → websocket; every message opens a new conversation",
+    notes = [f"{MODEL} through websocket → Channels → the GPU scheduler's admission (Ollama holds the GPU: "
+             f"the lease at once, no gpu_acquire) → Celery cpu_generate (cpu queue) → fake Ollama → channel layer "
+             f"→ websocket; every message opens a new conversation",
              "the load generator, the web server, both workers, Redis and the fake share the same cores"]
     if len(asgi_list) > 1:
         key = "1 socket, one message at a time"

@@ -75,8 +75,17 @@ local client_now, serve_default, linger_factor = tonumber(ARGV[4]), tonumber(ARG
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
+-- Every figure and flag the decisions read, and the state's fields, each
+-- read once (one HMGET each: a script's commands count in Redis's work).
+local SCHED = {}
+local FIELDS = {'switch:local', 'switch:external', 'load:ollama', 'visit', 'hold',
+                'serve:local', 'serve:ollama', 'serve:openai', 'active:local', 'active:ollama', 'active:openai'}
+local values = redis.call('HMGET', KEYS[3], unpack(FIELDS))
+for i, name in ipairs(FIELDS) do SCHED[name] = values[i] end
+local STATE = redis.call('HMGET', KEYS[1], 'owner', 'local_models', 'ollama_models')
+
 local function num(field, default)
-  local v = redis.call('HGET', KEYS[3], field)
+  local v = SCHED[field]
   if v then return tonumber(v) end
   return default
 end
@@ -91,13 +100,20 @@ local function switch_cost()
   return to_local or to_ollama or 0
 end
 local A = math.max(floor, factor * switch_cost())
+-- Each owner's oldest waiting request, read once (the scripts change the
+-- queues only in their last step).
+local HEADS = {}
+for _, o in ipairs(OWNERS) do HEADS[o] = redis.call('ZRANGE', WAIT[o], 0, 0, 'WITHSCORES') end
 local function head(o)
-  local h = redis.call('ZRANGE', WAIT[o], 0, 0, 'WITHSCORES')
+  local h = HEADS[o]
   if #h == 0 then return nil, nil end
   return tonumber(h[2]), h[1]
 end
 local function state_owner()
-  return redis.call('HGET', KEYS[1], 'owner') or 'none'
+  return STATE[1] or 'none'
+end
+local function state_models(field)
+  return cjson.decode((field == 'local_models' and STATE[2] or STATE[3]) or '[]')
 end
 -- When the gate of the current owner's visit closes (nil: nobody else
 -- waits): once another owner's oldest request has waited A, but never
@@ -131,7 +147,7 @@ local id, owner, model = ARGV[7], ARGV[8], ARGV[9]
 local batch, batch_delay = tonumber(ARGV[10]), tonumber(ARGV[11])
 local max_wait, lease_ttl = tonumber(ARGV[12]), tonumber(ARGV[13])
 local cur = state_owner()
-local hold = redis.call('HGET', KEYS[3], 'hold')
+local hold = SCHED['hold']
 local g = gate_time(cur)
 local gate_open = (g == nil) or now < g
 local S = switch_cost()
@@ -140,8 +156,8 @@ if policy == 'grouped' and owner ~= 'local' and owner == cur and not hold and ga
    and redis.call('ZCARD', WAIT[owner]) == 0 then
   local fast = true
   if owner == 'ollama' then
-    local locals = cjson.decode(redis.call('HGET', KEYS[1], 'local_models') or '[]')
-    local models = cjson.decode(redis.call('HGET', KEYS[1], 'ollama_models') or '[]')
+    local locals = state_models('local_models')
+    local models = state_models('ollama_models')
     local listed = false
     for _, m in ipairs(models) do if m == model then listed = true end end
     fast = listed and #locals == 0
@@ -203,9 +219,8 @@ local function take(o, id, switch)
 end
 
 local function resident(o)
-  local field = (o == 'local') and 'local_models' or 'ollama_models'
   local set = {}
-  for _, m in ipairs(cjson.decode(redis.call('HGET', KEYS[1], field) or '[]')) do set[m] = true end
+  for _, m in ipairs(state_models((o == 'local') and 'local_models' or 'ollama_models')) do set[m] = true end
   return set
 end
 
@@ -229,11 +244,12 @@ if WAIT[cur] and not (cur == 'ollama' and closed) then
   local upto = closed and ('(' .. g) or '+inf'
   local ids = redis.call('ZRANGEBYSCORE', WAIT[cur], '-inf', upto, 'WITHSCORES', 'LIMIT', 0, 64)
   if #ids > 0 then
-    if now - tonumber(ids[2]) < A then
-      local hot = resident(cur)
-      for i = 1, #ids, 2 do
-        local raw = redis.call('HGET', KEYS[4], ids[i])
-        if raw and hot[cjson.decode(raw).model] then return take(cur, ids[i], 0) end
+    if #ids > 2 and now - tonumber(ids[2]) < A then
+      local hot, names = resident(cur), {}
+      for i = 1, #ids, 2 do names[#names + 1] = ids[i] end
+      local items = redis.call('HMGET', KEYS[4], unpack(names))
+      for i, raw in ipairs(items) do
+        if raw and hot[cjson.decode(raw).model] then return take(cur, names[i], 0) end
       end
     end
     return take(cur, ids[1], 0)
