@@ -93,12 +93,15 @@ def slot_for_local(name: str) -> str:
 
 def _busy(slot: str) -> int:
     """Messages queued for the slot (every priority list) plus the one running."""
-    r = redis_client()
-    queue = queues.gpu_queue(slot)
-    # kombu keeps a queue's priority steps as lists named queue + \x06\x16 + step.
-    lists = [queue, *r.scan_iter(match=f"{queue}\x06\x16*")]
     running = 1 if GpuStateStore(slot=slot).current() is not None else 0
-    return sum(r.llen(name) for name in lists) + running
+    return queue_depth(queues.gpu_queue(slot)) + running
+
+
+def queue_depth(queue: str) -> int:
+    """Tasks waiting in a queue, over every priority list: kombu keeps a
+    queue's priority steps as lists named queue + \\x06\\x16 + step."""
+    r = redis_client()
+    return sum(r.llen(name) for name in [queue, *r.scan_iter(match=f"{queue}\x06\x16*")])
 
 
 # --- dispatch and the ledger ----------------------------------------------------

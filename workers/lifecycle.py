@@ -36,7 +36,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from chat.batches import batch_advance_queue, batch_line_ended
-from chat.dispatch import message_fail, replies_redispatch_lost, worker_alive_key
+from chat.dispatch import message_fail, queue_depth, replies_redispatch_lost, worker_alive_key
 from chatsite import queues
 from chatsite.redis_client import redis_client
 from gpu_manager.scheduler import slot_scheduler
@@ -140,9 +140,8 @@ def scheduler_wake(*, app, slot: str, busy: bool) -> bool:
     snapshot = slot_scheduler(slot).snapshot()
     if busy or not any(snapshot["waiting"].values()):
         return False
-    r = redis_client()
     queue = queues.gpu_queue(slot)
-    if any(r.llen(name) for name in [queue, *r.scan_iter(match=f"{queue}\x06\x16*")]):
+    if queue_depth(queue):
         return False
     log.warning("GPU slot %s: %s waiting and no task queued to serve them; waking the worker",
                 slot, snapshot["waiting"])
