@@ -303,19 +303,26 @@ def test_a_load_that_several_requests_waited_for_is_counted_once(slot):
 
 def test_requests_that_no_queued_task_would_serve_get_a_wake_up(slot):
     """A task that ended before its pick leaves a request with no task to
-    serve it: the GPU worker's housekeeping queues a wake-up, once."""
+    serve it: the GPU worker's housekeeping queues a wake-up, once, after
+    seeing the shortage on two ticks in a row (one look can fall between an
+    admission's wait entry and its task)."""
     from chatsite.celery import app
     from chatsite.queues import gpu_queue
-    from workers.lifecycle import scheduler_wake
+    from workers.lifecycle import SchedulerWaker
 
     s = Scheduler(slot=slot)
+    waker = SchedulerWaker(app=app, slot=slot)
     own(slot, "local", local=["demo"])
-    assert not scheduler_wake(app=app, slot=slot, busy=False)    # nothing waits
+    assert not waker.tick(busy=False)    # nothing waits
     admit(s, 1, "local", "demo")
-    assert not scheduler_wake(app=app, slot=slot, busy=True)     # a running task asks again
+    assert not waker.tick(busy=True)     # a running task asks again
+    assert not waker.tick(busy=False)    # short once: not yet
+    assert not waker.tick(busy=True)     # the shortage must be seen twice in a row
     try:
-        assert scheduler_wake(app=app, slot=slot, busy=False)
+        assert not waker.tick(busy=False)
+        assert waker.tick(busy=False)
         assert redis_client().llen(gpu_queue(slot)) == 1
-        assert not scheduler_wake(app=app, slot=slot, busy=False)  # one is queued already
+        assert not waker.tick(busy=False)  # one is queued already
+        assert not waker.tick(busy=False)
     finally:
         redis_client().delete(gpu_queue(slot))

@@ -53,7 +53,7 @@ IDLE_UNLOAD_PENDING_KEY = "gpu:slot:{slot}:idle-unload-pending"
 IDLE_REQUEUE_SECONDS = 120.0
 
 #: Set while a GPU task runs in this process (workers/gpu_tasks.py): the
-#: housekeeping thread then queues no wake-up (`scheduler_wake`), since the
+#: housekeeping thread then queues no wake-up (`SchedulerWaker`), since the
 #: running task asks the scheduler again before it ends.
 gpu_task_running = threading.Event()
 
@@ -78,7 +78,9 @@ class WorkerLifecycle:
             gpu_worker_recover(manager=manager)
             for queue in self.gpu_queues:
                 orphans_restore(app=self.app, queue=queue, delivered_before=PROCESS_STARTED)
-            self._thread("gpu-housekeeping", settings.GPU_HOUSEKEEPING_SECONDS, lambda: self._housekeep(manager))
+            waker = SchedulerWaker(app=self.app, slot=manager.slot)
+            self._thread("gpu-housekeeping", settings.GPU_HOUSEKEEPING_SECONDS,
+                         lambda: self._housekeep(manager, waker))
         self._thread("worker-heartbeat", settings.WORKER_HEARTBEAT_SECONDS, self._beat, at_once=True)
 
     def stop(self) -> None:
@@ -121,32 +123,46 @@ class WorkerLifecycle:
             pipe.set(worker_alive_key(queue=queue, hostname=self.hostname), "1", ex=settings.WORKER_HEARTBEAT_TTL)
         pipe.execute()
 
-    def _housekeep(self, manager: GpuManager) -> None:
+    def _housekeep(self, manager: GpuManager, waker: SchedulerWaker) -> None:
         manager.state_sync(note="restored after Redis lost it")
         manager.reap_leases()
         replies_redispatch_lost()
-        scheduler_wake(app=self.app, slot=manager.slot, busy=gpu_task_running.is_set())
+        waker.tick(busy=gpu_task_running.is_set())
         pending = IDLE_UNLOAD_PENDING_KEY.format(slot=manager.slot)
         if manager.idle_engines() and redis_client().set(pending, "1", nx=True, ex=int(IDLE_REQUEUE_SECONDS)):
             self.app.signature(queues.GPU_UNLOAD_IDLE).apply_async(queue=queues.gpu_queue(manager.slot))
 
 
-def scheduler_wake(*, app, slot: str, busy: bool) -> bool:
-    """Queue a wake-up when the slot's scheduler holds requests and its queue
-    no task to serve them: every admitted request queues one task, but a
-    task can end without serving (a Redis error before its pick), and the
-    order is the scheduler's, so the count is what must never fall short.
-    A spare wake-up finds nothing and ends."""
-    snapshot = slot_scheduler(slot).snapshot()
-    if busy or not any(snapshot["waiting"].values()):
-        return False
-    queue = queues.gpu_queue(slot)
-    if queue_depth(queue):
-        return False
-    log.warning("GPU slot %s: %s waiting and no task queued to serve them; waking the worker",
-                slot, snapshot["waiting"])
-    app.signature(queues.GPU_SERVE).apply_async(queue=queue)
-    return True
+class SchedulerWaker:
+    """Queues a `gpu_serve` wake-up when the slot's scheduler holds requests
+    and its queue no task to serve them: every admitted request queues one
+    task, but a task can end without serving (a Redis error before its
+    pick), and the order is the scheduler's, so the count is what must never
+    fall short. A spare wake-up finds nothing and ends.
+
+    Only a shortage seen on two ticks in a row counts: an admission writes
+    its wait entry a moment before it queues its task, and the worker pops a
+    task a moment before it marks itself running (`gpu_task_running`), so
+    one look can find a shortage that is not there."""
+
+    def __init__(self, *, app, slot: str):
+        self.app = app
+        self.slot = slot
+        self._short = False
+
+    def tick(self, *, busy: bool) -> bool:
+        """Look once; True when this look queued a wake-up."""
+        snapshot = slot_scheduler(self.slot).snapshot()
+        queue = queues.gpu_queue(self.slot)
+        short = not busy and any(snapshot["waiting"].values()) and not queue_depth(queue)
+        if not (short and self._short):
+            self._short = short
+            return False
+        self._short = False
+        log.warning("GPU slot %s: %s waiting and no task queued to serve them; waking the worker",
+                    self.slot, snapshot["waiting"])
+        self.app.signature(queues.GPU_SERVE).apply_async(queue=queue)
+        return True
 
 
 def idle_unload_ran(*, slot: str) -> None:
