@@ -8,11 +8,12 @@ costs one connect timeout per TTL, not one per request.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import caches
 
 from chat.models import ModelConfig, ModelKind
 from chatsite.errors import CodedError
@@ -91,6 +92,16 @@ def endpoints() -> list[Endpoint]:
     return found
 
 
+
+@functools.cache
+def _discoveries():
+    """One cache client per process. Django's `cache` is one per thread,
+    and under the CPU worker's gevent pool one per greenlet, which is one
+    per task: a Redis connection opened for each message and dropped after
+    it. The client is safe to share (redis-py's pool)."""
+    return caches.create_connection("default")
+
+
 def _cache_key(endpoint: Endpoint) -> str:
     digest = hashlib.sha1(f"{endpoint.kind} {endpoint.base_url}".encode()).hexdigest()[:16]
     return f"catalog:{digest}"
@@ -98,7 +109,7 @@ def _cache_key(endpoint: Endpoint) -> str:
 
 def endpoint_models(endpoint: Endpoint) -> list[str]:
     """Model names the endpoint offers now; raises EndpointDown."""
-    cached = cache.get(_cache_key(endpoint))
+    cached = _discoveries().get(_cache_key(endpoint))
     if cached is None:
         try:
             if endpoint.kind == ModelKind.OLLAMA:
@@ -108,7 +119,7 @@ def endpoint_models(endpoint: Endpoint) -> list[str]:
             cached = {"ok": True, "models": found, "detail": ""}
         except (OllamaError, OpenAIEndpointError) as exc:
             cached = {"ok": False, "models": [], "detail": str(exc)}
-        cache.set(_cache_key(endpoint), cached, timeout=settings.MODEL_DISCOVERY_TTL)
+        _discoveries().set(_cache_key(endpoint), cached, timeout=settings.MODEL_DISCOVERY_TTL)
     if not cached["ok"]:
         raise EndpointDown(cached["detail"])
     return cached["models"]
@@ -116,7 +127,7 @@ def endpoint_models(endpoint: Endpoint) -> list[str]:
 
 def catalog_forget() -> None:
     """Drop cached discoveries (after an admin edit, or in tests)."""
-    cache.delete_many([_cache_key(e) for e in endpoints()])
+    _discoveries().delete_many([_cache_key(e) for e in endpoints()])
 
 
 def catalog_list() -> tuple[list[ModelChoice], list[dict]]:

@@ -257,17 +257,31 @@ def reply_claim_holder(message_id: int) -> str | None:
 class ReplyHold(Keeper):
     """A run's claim on its reply, renewed from a thread until `stop()`, and
     the run's deadline (time.monotonic(), GENERATION_DEADLINE_SECONDS after
-    the claim was taken)."""
+    the claim was taken).
+
+    A run that ended the reply itself sets `ended`: its claim is then
+    deleted without the fenced check (one command instead of three). That
+    is safe even if the claim were by then another run's (Redis lost it and
+    a later delivery took it): the reply has ended, so that run can only
+    find it ended and stop, and so can any run after it."""
 
     def __init__(self, message_id: int, token: str):
         super().__init__(name=f"reply-claim-{message_id}", ttl=_claim_ttl(),
                          renew=lambda: _claims().renew(message_id, token, ttl=_claim_ttl()),
-                         release=lambda: reply_release(message_id, token))
+                         release=lambda: self._claim_end(token),
+                         renew_first=False)  # taken a moment ago, for a whole TTL
         self.message_id = message_id
+        self.ended = False
         self.deadline = time.monotonic() + settings.GENERATION_DEADLINE_SECONDS
         #: The reply's model, once the run resolved it (a GPU prelude hands
         #: it to the task body with the hold, so it is resolved once).
         self.choice: ModelChoice | None = None
+
+    def _claim_end(self, token: str) -> None:
+        if self.ended:
+            _claims().drop(self.message_id)
+        else:
+            reply_release(self.message_id, token)
 
 
 def reply_hold(message_id: int) -> ReplyHold | None:
@@ -299,29 +313,33 @@ def cancel_requested(message_id: int) -> bool:
 
 
 def message_finish(*, message_id: int, content: str, finish_reason: str, prompt_tokens: int,
-                   completion_tokens: int) -> bool:
+                   completion_tokens: int, before: list[dict] = ()) -> bool:
     """End a reply and send `chat.done`, once: a conditional update makes a
-    second caller (a re-delivered task, a racing cancel) a no-op."""
+    second caller (a re-delivered task, a racing cancel) a no-op. `before`:
+    the run's last frames (its pending text, chat/relay.py `take`), sent
+    ahead of the end in the same group send."""
     status = MessageStatus.CANCELLED if finish_reason == "cancelled" else MessageStatus.DONE
     ended = _end(message_id, status=status, content=content, finish_reason=finish_reason,
                  prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     if ended:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
-        group_send(message_group(message_id),
+        group_send(message_group(message_id), *before,
                    {"type": "chat.done", "message": message_id, "finish_reason": finish_reason, "usage": usage})
     return ended
 
 
-def message_fail(*, message_id: int, code: str, detail: str, content: str | None = None) -> bool:
-    """End a reply with an error and send `chat.error`, once."""
+def message_fail(*, message_id: int, code: str, detail: str, content: str | None = None,
+                 before: list[dict] = ()) -> bool:
+    """End a reply with an error and send `chat.error`, once (after `before`,
+    as in `message_finish`)."""
     fields = {"status": MessageStatus.ERROR, "error_code": code, "error_detail": detail}
     if content is not None:
         fields["content"] = content
     ended = _end(message_id, **fields)
     if ended:
-        group_send(message_group(message_id), {"type": "chat.error", "message": message_id, "code": code,
-                                               "detail": detail})
+        group_send(message_group(message_id), *before,
+                   {"type": "chat.error", "message": message_id, "code": code, "detail": detail})
     return ended
 
 

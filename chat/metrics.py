@@ -1,12 +1,24 @@
 """Prometheus metrics for `/metrics`.
 
 The service runs as several processes (web, GPU worker, CPU workers, on
-several machines), so nothing is counted in process memory: each process
-adds to counters and histogram buckets in Redis, and a scrape reads them
-back, together with what Redis and the GPU state already know (queue depth,
+several machines), so the counts live in Redis: each process adds to
+counters and histogram buckets there, and a scrape reads them back,
+together with what Redis and the GPU state already know (queue depth,
 resident models, device memory). Any web process answers for all of them.
+
+A process adds up its own observations for up to METRICS_FLUSH_SECONDS and
+writes the sums in one pipeline (`_Tally`): one HINCRBY per changed field
+per flush instead of seven commands per reply (docs/BENCHMARKS.md, "Redis
+commands per message"). Nothing is dropped: a flush that fails is kept for
+the next, and the last one runs at exit; a scrape first writes its own
+process's pending counts.
 """
 from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from collections import defaultdict
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -20,6 +32,8 @@ from chatsite.redis_client import redis_client
 from gpu_manager.scheduler import slot_scheduler
 from gpu_manager.state import GpuStateStore
 
+log = logging.getLogger(__name__)
+
 #: Upper bounds (seconds) of the latency buckets: from a cached local reply's
 #: first token (tens of ms) to a cold model switch (tens of seconds).
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -31,34 +45,99 @@ STAGES = ("started", "first_token", "finished")
 KEY = "metrics:v2"
 
 
+class _Tally:
+    """This process's observations not yet in Redis: (key, field) -> sum.
+    Written by a daemon thread every METRICS_FLUSH_SECONDS (a greenlet
+    under gevent), at exit, and before a scrape in this process."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], int] = defaultdict(int)
+        self._sums: dict[tuple[str, str], float] = defaultdict(float)
+        self._flusher: threading.Thread | None = None
+
+    def count(self, key: str, field: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key, field] += n
+            self._start()
+
+    def add(self, key: str, field: str, value: float) -> None:
+        with self._lock:
+            self._sums[key, field] += value
+            self._start()
+
+    def _start(self) -> None:
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._run, name="metrics-flush", daemon=True)
+            self._flusher.start()
+            atexit.register(self.flush)
+
+    def _run(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(settings.METRICS_FLUSH_SECONDS):
+            try:
+                self.flush()
+            except Exception:  # kept for the next flush
+                log.warning("could not write the metrics to Redis; retrying", exc_info=True)
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, sums = self._counts, self._sums
+            self._counts, self._sums = defaultdict(int), defaultdict(float)
+        if not counts and not sums:
+            return
+        try:
+            pipe = redis_client().pipeline(transaction=False)
+            for (key, field), n in counts.items():
+                pipe.hincrby(key, field, n)
+            for (key, field), value in sums.items():
+                pipe.hincrbyfloat(key, field, value)
+            pipe.execute()
+        except Exception:
+            # Not written (a pipeline without MULTI may have written part:
+            # Redis was down, so most likely none): kept for the next flush.
+            with self._lock:
+                for item, n in counts.items():
+                    self._counts[item] += n
+                for item, value in sums.items():
+                    self._sums[item] += value
+            raise
+
+
+_tally = _Tally()
+
+
+def metrics_flush() -> None:
+    """Write this process's pending observations now."""
+    _tally.flush()
+
+
 def gpu_wait_observe(*, slot: str, owner: str, seconds: float) -> None:
     """Record how long a request waited for its GPU, from admission until the
     GPU was ready for it (the fast path counts as no wait)."""
-    _histogram_add(redis_client().pipeline(transaction=False), f"{KEY}:gpu-wait:{slot}:{owner}", seconds).execute()
+    _histogram_add(f"{KEY}:gpu-wait:{slot}:{owner}", seconds)
 
 
-def _histogram_add(pipe, key: str, value: float):
+def _histogram_add(key: str, value: float) -> None:
     """One observation: its own bucket only (the first bound it is under),
     and the sum; the scrape adds the buckets up into Prometheus's cumulative
-    form (`_buckets`). Two commands instead of one per bucket."""
+    form (`_buckets`)."""
     bound = next((str(b) for b in BUCKETS if value <= b), "+Inf")
-    pipe.hincrby(key, bound, 1)
-    pipe.hincrbyfloat(key, "sum", value)
-    return pipe
+    _tally.count(key, bound)
+    _tally.add(key, "sum", value)
 
 
 def message_observe(*, kind: str, status: str, seconds: dict[str, float]) -> None:
     """Record one ended reply: its status, and the seconds from queued to
     each stage it reached (keys of STAGES)."""
-    pipe = redis_client().pipeline(transaction=False)
-    pipe.hincrby(f"{KEY}:messages", f"{kind}|{status}", 1)
+    _tally.count(f"{KEY}:messages", f"{kind}|{status}")
     for stage, value in seconds.items():
-        _histogram_add(pipe, f"{KEY}:latency:{stage}:{kind}", value)
-    pipe.execute()
+        _histogram_add(f"{KEY}:latency:{stage}:{kind}", value)
 
 
 class ServiceCollector(Collector):
     def collect(self):
+        metrics_flush()  # this process's own observations too, not a flush late
         r = redis_client()
         queues = GaugeMetricFamily("chat_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"])
         for queue in _queue_names():

@@ -1,21 +1,20 @@
 """Frames from worker code to the sockets, through the channel layer.
 
-Workers are synchronous. `async_to_sync` per call would build an event loop
-and Redis connections each time (channels_redis #125, #332); instead each
-process keeps one event loop in a daemon thread and submits sends to it.
+Workers are synchronous (the GPU worker's solo pool, the CPU workers'
+gevent pool): they send with the layer's blocking group send
+(chatsite/channel_layer.py `group_send_blocking`), which needs no event
+loop and cooperates with gevent's sockets.
 """
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
 from channels.layers import get_channel_layer
 from django.conf import settings
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-#: Seconds to wait for Redis to take a frame before the task fails loudly.
-SEND_TIMEOUT = 10.0
+from chatsite.channel_layer import FRAMES_TYPE
+
 #: Tries of one send when the connection fails (see `group_send`), and the
 #: pause before the second (doubled before the third): a private Redis
 #: restarts in ~0.1 s.
@@ -27,38 +26,22 @@ def message_group(message_id: int) -> str:
     return f"msg.{message_id}"
 
 
-_loop: asyncio.AbstractEventLoop | None = None
-_loop_lock = threading.Lock()
+def group_send(group: str, *events: dict) -> None:
+    """Send events to a group, in order, as one message (several go as one
+    FRAMES_TYPE pack, handed to each receiver one by one), and return once
+    Redis has them, so frames of one sender arrive in the order they were sent.
 
-
-def _layer_loop() -> asyncio.AbstractEventLoop:
-    # The CPU worker's threads race to the first send: the lock makes sure
-    # they share one loop (and one set of Redis connections).
-    global _loop
-    with _loop_lock:
-        if _loop is None:
-            _loop = asyncio.new_event_loop()
-            threading.Thread(target=_loop.run_forever, name="channel-layer", daemon=True).start()
-        return _loop
-
-
-def group_send(group: str, event: dict) -> None:
-    """Send one event and wait until Redis has it, so frames of one sender
-    arrive in the order they were sent.
-
-    A connection error is retried: after Redis restarts, every connection
-    pooled before the restart fails on its first use ("Connection closed by
-    server": redis-py's asyncio pool hands it out unchecked and
-    channels_redis sets no retry), which would fail the reply being
-    streamed (docs/reliability.md). redis-py reconnects the failed connection
-    and the pool hands it out again next (last in, first out). A command
-    that failed on a dead connection never reached the new server, so the
-    retry does not send the frame twice.
+    A connection error is retried: after Redis restarts, the first command
+    on a connection pooled before the restart fails ("Connection closed by
+    server"); redis-py reconnects it (docs/reliability.md). A command that
+    failed on a dead connection never reached the new server, so the retry
+    does not send the frame twice.
     """
+    event = events[0] if len(events) == 1 else {"type": FRAMES_TYPE, "frames": list(events)}
     layer = get_channel_layer()
     for attempt in range(1, SEND_ATTEMPTS + 1):
         try:
-            asyncio.run_coroutine_threadsafe(layer.group_send(group, event), _layer_loop()).result(SEND_TIMEOUT)
+            layer.group_send_blocking(group, event)
             return
         except RedisConnectionError:
             if attempt == SEND_ATTEMPTS:
@@ -93,19 +76,28 @@ class DeltaRelay:
         if time.monotonic() - self._last_flush >= self._interval:
             self.flush()
 
-    def flush(self) -> None:
+    def take(self) -> list[dict]:
+        """The pending text as a `chat.delta` frame (none when nothing is
+        pending), counted as flushed: the caller sends it, before anything
+        else for this message."""
         if not self._buffer:
-            return
+            return []
         piece = "".join(self._buffer)
         self._buffer.clear()
-        group_send(self.group, {"type": "chat.delta", "message": self.message_id, "seq": self.seq, "text": piece})
+        frame = {"type": "chat.delta", "message": self.message_id, "seq": self.seq, "text": piece}
         self.seq += 1
         self.text += piece
         self._last_flush = time.monotonic()
         if self._on_flush:
             self._on_flush(self)
+        return [frame]
+
+    def flush(self) -> None:
+        frames = self.take()
+        if frames:
+            group_send(self.group, *frames)
 
     def send(self, event_type: str, **payload) -> None:
-        """Any other frame for this message, after the pending text."""
-        self.flush()
-        group_send(self.group, {"type": event_type, "message": self.message_id, **payload})
+        """Any other frame for this message, after the pending text (in the
+        same group send)."""
+        group_send(self.group, *self.take(), {"type": event_type, "message": self.message_id, **payload})

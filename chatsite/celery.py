@@ -10,9 +10,13 @@ Workers (see `chat/management/commands/runstack.py` for the exact lines):
   which CUDA forbids, and would split models across children); one task at a
   time is exactly one owner of the GPU; prefetch 1 with late ack means the
   worker never sits on a second request it cannot start.
-- CPU worker: `-Q cpu -P threads -c 16`. External generations spend their
-  time waiting on sockets; threads overlap those waits without forking and
-  share one HTTP client per endpoint (a client costs ~17 ms to build).
+- CPU worker: `-Q cpu -P gevent -c 1000` (CPU_WORKER_CONCURRENCY). External
+  generations spend their time waiting on sockets: one greenlet per stream
+  (gevent patches sockets, so redis-py, httpx and psycopg 3 cooperate)
+  holds hundreds of streams in one process, where `-P threads -c 16` held 16
+  (docs/BENCHMARKS.md, "Concurrent streams"). The streams share one HTTP
+  client per endpoint (a client costs ~17 ms to build), and give their
+  database connection back between writes (workers/replies.py).
 """
 import os
 
@@ -63,3 +67,33 @@ def _kombu_redis_detached_channel_guard() -> None:
 
 
 _kombu_redis_detached_channel_guard()
+
+
+def _kombu_redis_unacked_without_transaction() -> None:
+    """Write and remove a late-acked message's `unacked` entry (its index
+    ZADD and hash HSET; on ack, ZREM and HDEL) in one pipeline without
+    MULTI/EXEC: four Redis commands per message instead of eight
+    (docs/BENCHMARKS.md, "Redis commands per message"). Atomicity buys
+    nothing here: the only other reader, `restore_visible`, takes index
+    entries older than the visibility timeout, never one being written,
+    and skips an index entry whose hash entry is gone."""
+    from contextlib import contextmanager
+
+    from kombu.transport import redis as kombu_redis
+
+    if getattr(kombu_redis.QoS.pipe_or_acquire, "untransacted", False):
+        return
+
+    @contextmanager
+    def pipe_or_acquire(self, pipe=None, client=None):
+        if pipe:
+            yield pipe
+        else:
+            with self.channel.conn_or_acquire(client) as client:
+                yield client.pipeline(transaction=False)
+
+    pipe_or_acquire.untransacted = True
+    kombu_redis.QoS.pipe_or_acquire = pipe_or_acquire
+
+
+_kombu_redis_unacked_without_transaction()

@@ -62,7 +62,10 @@ class ChatChunk:
 @functools.lru_cache(maxsize=32)
 def ollama_client(base_url: str) -> ollama.Client:
     timeout = httpx.Timeout(settings.UPSTREAM_READ_TIMEOUT, connect=settings.UPSTREAM_CONNECT_TIMEOUT)
-    return ollama.Client(host=base_url, timeout=timeout)
+    # One connection per stream, as many as the CPU worker streams at once
+    # (httpx's default of 100 would queue the rest for a free connection).
+    limits = httpx.Limits(max_connections=settings.CPU_WORKER_CONCURRENCY, max_keepalive_connections=100)
+    return ollama.Client(host=base_url, timeout=timeout, limits=limits)
 
 
 @contextlib.contextmanager

@@ -112,6 +112,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     # Workers are separate processes: the test database must be a file.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A pool per process (psycopg_pool, Django 5.1+): the CPU worker's
+    # streams give their connection back between writes
+    # (workers/replies.py), so hundreds of streams share a few connections
+    # instead of opening one each (PostgreSQL allows 100 by default).
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1, "max_size": int(os.environ.get("DATABASE_POOL_MAX", 16)), "timeout": 30}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [
@@ -189,8 +196,10 @@ CHANNEL_LAYERS = {
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html
 
 CELERY_BROKER_URL = REDIS_URL
-CELERY_RESULT_BACKEND = REDIS_URL
-CELERY_RESULT_EXPIRES = 3600
+# No result backend: replies travel through the channel layer and nothing
+# reads a task's result. With one, every send also SUBSCRIBEs (and later
+# UNSUBSCRIBEs) to the task's result channel: two Redis commands per message
+# for nothing (docs/BENCHMARKS.md, "Redis commands per message").
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 # Everything that only talks HTTP to Ollama or an OpenAI endpoint runs on the
@@ -240,6 +249,11 @@ GENERATION_DEADLINE_SECONDS = float(os.environ.get("GENERATION_DEADLINE_SECONDS"
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2 * CELERY_TASK_TIME_LIMIT}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+#: Greenlets of the CPU worker (`-P gevent -c N`): external replies streamed
+#: at once by one process. Each costs its stream's memory only
+#: (docs/BENCHMARKS.md, "Concurrent streams").
+CPU_WORKER_CONCURRENCY = int(os.environ.get("CPU_WORKER_CONCURRENCY", 1000))
 
 # --- Outside model servers (CONTRACT §2) ------------------------------------
 
@@ -334,6 +348,13 @@ CHAT_MAX_CONTENT_CHARS = int(os.environ.get("CHAT_MAX_CONTENT_CHARS", 32_000))
 #: docs/BENCHMARKS.md has the streaming figures), so one per token would cost more
 #: than a tiny model's token; 40 ms still reads as smooth streaming.
 CHAT_DELTA_FLUSH_SECONDS = 0.04
+#: Each process writes its metrics to Redis at most this often (seconds),
+#: added up (chat/metrics.py): a scrape sees a reply at most this late.
+METRICS_FLUSH_SECONDS = float(os.environ.get("METRICS_FLUSH_SECONDS", 1.0))
+#: A CPU worker sends the durations of its Ollama replies to the GPU
+#: scheduler at most this often (seconds; gpu_manager/scheduler.py
+#: ObservationBuffer): the scheduler sees a reply's service this late.
+GPU_OBSERVE_FLUSH_SECONDS = float(os.environ.get("GPU_OBSERVE_FLUSH_SECONDS", 0.25))
 #: A cancel flag outlives any generation (seconds).
 CHAT_CANCEL_TTL = 3600
 #: Per-user rate limit (chat/ratelimit.py): at most this many messages in any

@@ -142,6 +142,11 @@ class Claims:
     def release(self, name: int | str, token: str) -> bool:
         return bool(self._release(keys=[self.key(name)], args=[token]))
 
+    def drop(self, name: int | str) -> None:
+        """Delete the claim, unfenced: only for a holder whose work has made
+        any other holder's pointless (chat/dispatch.py `ReplyHold`)."""
+        self._redis.delete(self.key(name))
+
     def holder(self, name: int | str) -> str | None:
         """The token of the live claim, if any."""
         return self._redis.get(self.key(name))
@@ -160,18 +165,24 @@ class Keeper:
     A renewal that cannot reach Redis is retried at the next beat: the
     holder learns the truth (lost, or still its own) once Redis answers."""
 
-    def __init__(self, *, name: str, renew: Callable[[], None], release: Callable[[], None], ttl: float):
+    def __init__(self, *, name: str, renew: Callable[[], None], release: Callable[[], None], ttl: float,
+                 renew_first: bool = True):
         self._renew, self._release, self.ttl = renew, release, ttl
+        #: Whether `start` renews at once: a lease granted earlier must be
+        #: checked before its holder works; a claim just taken need not be.
+        self._renew_first = renew_first
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> "Keeper":
-        """Renew once (LeaseLost: never start), then keep renewing. A keeper
+        """Renew once (LeaseLost: never start; unless `renew_first` is
+        off), then keep renewing. A keeper
         already started is returned as it is, so that one started early can
         still guard a `with` block."""
         if self._thread.ident is None:
-            self._renew()
+            if self._renew_first:
+                self._renew()
             self._thread.start()
         return self
 

@@ -53,7 +53,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from chatsite.redis_client import redis_client
@@ -102,8 +105,12 @@ end
 local A = math.max(floor, factor * switch_cost())
 -- Each owner's oldest waiting request, read once (the scripts change the
 -- queues only in their last step).
+-- One EXISTS first: mostly nobody waits (the fast path), and then no ZRANGE.
 local HEADS = {}
-for _, o in ipairs(OWNERS) do HEADS[o] = redis.call('ZRANGE', WAIT[o], 0, 0, 'WITHSCORES') end
+local anyone = redis.call('EXISTS', KEYS[5], KEYS[6], KEYS[7]) > 0
+for _, o in ipairs(OWNERS) do
+  if anyone then HEADS[o] = redis.call('ZRANGE', WAIT[o], 0, 0, 'WITHSCORES') else HEADS[o] = {} end
+end
 local function head(o)
   local h = HEADS[o]
   if #h == 0 then return nil, nil end
@@ -153,7 +160,7 @@ local gate_open = (g == nil) or now < g
 local S = switch_cost()
 
 if policy == 'grouped' and owner ~= 'local' and owner == cur and not hold and gate_open
-   and redis.call('ZCARD', WAIT[owner]) == 0 then
+   and #HEADS[owner] == 0 then
   local fast = true
   if owner == 'ollama' then
     local locals = state_models('local_models')
@@ -286,21 +293,27 @@ return take(best_owner, best_id, 1)
 # load that ended less than its own length after the last one counted is
 # that one again, and is not counted twice.
 _OBSERVE = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
+local f, w = ARGV[1], tonumber(ARGV[2])
+local kind, owner = string.match(f, '^(%a+):(%a+)$')
+local got = redis.call('HMGET', KEYS[1], f, f .. ':total', f .. ':count', 'loaded:' .. owner)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local kind, owner = string.match(ARGV[1], '^(%a+):(%a+)$')
-if kind == 'serve' then redis.call('HSET', KEYS[1], 'active:' .. owner, tostring(now)) end
-if kind == 'load' then
-  local last = redis.call('HGET', KEYS[1], 'loaded:' .. owner)
-  if last and now - tonumber(last) < tonumber(ARGV[2]) then return old end
-  redis.call('HSET', KEYS[1], 'loaded:' .. owner, tostring(now))
+local v, total, count, loaded = tonumber(got[1]), tonumber(got[2]) or 0, tonumber(got[3]) or 0, tonumber(got[4])
+local taken = 0
+for i = 3, #ARGV do
+  local x = tonumber(ARGV[i])
+  -- Replies that waited on the same Ollama load each report it: once.
+  if not (kind == 'load' and loaded and now - loaded < x) then
+    if v then v = v * (1 - w) + x * w else v = x end
+    total, count, taken = total + x, count + 1, taken + 1
+    if kind == 'load' then loaded = now end
+  end
 end
-local v = tonumber(ARGV[2])
-if old then v = tonumber(old) * (1 - tonumber(ARGV[3])) + v * tonumber(ARGV[3]) end
-redis.call('HSET', KEYS[1], ARGV[1], tostring(v))
-redis.call('HINCRBYFLOAT', KEYS[1], ARGV[1] .. ':total', ARGV[2])
-redis.call('HINCRBY', KEYS[1], ARGV[1] .. ':count', 1)
+if taken == 0 then return got[1] end
+local fields = {f, tostring(v), f .. ':total', tostring(total), f .. ':count', tostring(count)}
+if kind == 'serve' then fields[#fields + 1] = 'active:' .. owner; fields[#fields + 1] = tostring(now) end
+if kind == 'load' then fields[#fields + 1] = 'loaded:' .. owner; fields[#fields + 1] = tostring(now) end
+redis.call('HSET', KEYS[1], unpack(fields))
 return tostring(v)
 """
 
@@ -429,7 +442,12 @@ class Scheduler:
         switch's seconds on the GPU worker, to the local models or away from
         them), `load:ollama` (Ollama's own load, reported by its reply) or
         `serve:<owner>` (a request's service)."""
-        return float(self._observe(keys=[self.sched_key], args=[what, seconds, EWMA_WEIGHT]) or seconds)
+        return self.observe_many(what, [seconds])
+
+    def observe_many(self, what: str, values: list[float]) -> float:
+        """`observe` for several durations of one kind, in order, in one
+        script (`ObservationBuffer`). Returns the moving average."""
+        return float(self._observe(keys=[self.sched_key], args=[what, EWMA_WEIGHT, *values]) or values[-1])
 
     def forget(self, message_id: int) -> None:
         """Drop a request that will not be served (its dispatch failed)."""
@@ -497,6 +515,49 @@ def slot_scheduler(slot: str) -> Scheduler:
 @functools.cache
 def _scheduler(slot: str, policy: Policy) -> Scheduler:
     return Scheduler(slot=slot, policy=policy)
+
+
+class ObservationBuffer:
+    """Durations one process measured, sent to their slot's scheduler
+    together every `period` seconds by a daemon thread (a greenlet under
+    gevent): one script per kind and period instead of one per reply (the
+    CPU worker's `serve:ollama` for every Ollama reply: docs/BENCHMARKS.md,
+    "Redis commands per message"). The scheduler sees an Ollama reply's
+    service at most `period` late, a small part of the switch the linger
+    and the gate are measured in. A failed send is kept for the next."""
+
+    def __init__(self, *, period: float):
+        self.period = period
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], list[float]] = defaultdict(list)
+        self._thread: threading.Thread | None = None
+
+    def add(self, *, slot: str, what: str, seconds: float) -> None:
+        with self._lock:
+            self._pending[slot, what].append(seconds)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="scheduler-observations", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.period)
+            try:
+                self.flush()
+            except Exception:
+                logging.getLogger(__name__).warning("could not send observations; retrying", exc_info=True)
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, defaultdict(list)
+        for i, ((slot, what), values) in enumerate(pending.items()):
+            try:
+                slot_scheduler(slot).observe_many(what, values)
+            except Exception:
+                with self._lock:  # this one and the rest, before what came since
+                    for item, kept in list(pending.items())[i:]:
+                        self._pending[item][:0] = kept
+                raise
 
 
 def switch_cost(stats: dict[str, float]) -> float:

@@ -43,3 +43,77 @@ async def test_a_socket_closed_at_once_and_disconnected_ends_its_application():
         done, _ = await asyncio.wait({comm.future}, timeout=3)
         assert done, "the application went on after its socket was disconnected"
     assert get_channel_layer().receive_count == 0
+
+
+# --- blocking sends, frame packs and the backup queue (issue 14) -----------------
+
+async def _received(layer, channel: str, count: int) -> list[dict]:
+    return [await asyncio.wait_for(layer.receive(channel), timeout=5) for _ in range(count)]
+
+
+async def test_a_blocking_group_send_reaches_every_member_as_channels_own_does():
+    """Members on one process-specific key (one socket process) and a plain
+    channel each get the message once, with channels_redis's own format."""
+    from asgiref.sync import sync_to_async
+
+    layer = get_channel_layer()
+    first, second = await layer.new_channel(), await layer.new_channel()
+    for channel in (first, second):
+        await layer.group_add("blocking.test", channel)
+    await sync_to_async(layer.group_send_blocking)("blocking.test", {"type": "chat.delta", "text": "å", "seq": 0})
+    await layer.group_send("blocking.test", {"type": "chat.delta", "text": "b", "seq": 1})
+    for channel in (first, second):
+        assert await _received(layer, channel, 2) == [{"type": "chat.delta", "text": "å", "seq": 0},
+                                                      {"type": "chat.delta", "text": "b", "seq": 1}]
+    await layer.group_discard("blocking.test", first)
+    await sync_to_async(layer.group_send_blocking)("blocking.test", {"type": "chat.done"})
+    assert await _received(layer, second, 1) == [{"type": "chat.done"}]
+    with pytest.raises(asyncio.TimeoutError):  # the member that left gets nothing
+        await asyncio.wait_for(layer.receive(first), timeout=0.3)
+    await layer.group_discard("blocking.test", second)
+
+
+async def test_a_frame_pack_is_received_as_its_frames_in_order():
+    from asgiref.sync import sync_to_async
+
+    from chat.relay import group_send
+
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add("pack.test", channel)
+    frames = [{"type": "chat.delta", "seq": 0, "text": "a"}, {"type": "chat.delta", "seq": 1, "text": "b"},
+              {"type": "chat.done"}]
+    await sync_to_async(group_send)("pack.test", *frames)
+    await sync_to_async(group_send)("pack.test", {"type": "chat.delta", "seq": 2})
+    assert await _received(layer, channel, 4) == [*frames, {"type": "chat.delta", "seq": 2}]
+    await layer.group_discard("pack.test", channel)
+
+
+async def test_receives_cancelled_at_many_points_lose_no_message():
+    """With the backup-queue shortcut (the clean-up script skipped while this
+    process emptied the backup itself), receives cancelled at many points,
+    before and after a message is there, lose none: every message sent is
+    received (channels_redis's own receive, below the disconnect wrapper,
+    which drops a message it was handed as it left)."""
+    layer = get_channel_layer()
+    channel = "backup.test"
+    received, cancelled = [], 0
+    for n in range(60):
+        await layer.send(channel, {"type": "x", "n": n})
+        receive = asyncio.ensure_future(layer.receive_single(channel))
+        for _ in range(n % 12):
+            await asyncio.sleep(0)
+        if n % 3 == 0 and not receive.done():
+            receive.cancel()
+            cancelled += 1
+        try:
+            received.append((await asyncio.wait_for(receive, timeout=5))[1]["n"])
+        except asyncio.CancelledError:
+            pass
+    while True:
+        try:
+            received.append((await asyncio.wait_for(layer.receive_single(channel), timeout=1))[1]["n"])
+        except asyncio.TimeoutError:
+            break
+    assert cancelled > 5
+    assert sorted(set(received)) == list(range(60)), (cancelled, received)

@@ -4,8 +4,11 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from asgiref.sync import async_to_sync
+
 from chat.metrics import message_observe
 from tests.support.sockets import communicator, send_and_finish
+from tests.support.waiting import eventually
 
 
 def samples(text: str) -> dict:
@@ -24,9 +27,19 @@ async def test_metrics_count_replies_switches_and_queues(ws_headers, demo_model,
     await send_and_finish(comm, model="local_demo", content="one")
     await send_and_finish(comm, model="ollama_qwen:7b", content="two")
     await comm.disconnect()
-    response = await async_client.get("/metrics")
-    assert response.status_code == 200 and response["Content-Type"].startswith("text/plain")
-    found = samples(response.content.decode())
+
+    async def scraped() -> dict:
+        response = await async_client.get("/metrics")
+        assert response.status_code == 200 and response["Content-Type"].startswith("text/plain")
+        return samples(response.content.decode())
+
+    # The workers write their counts within METRICS_FLUSH_SECONDS.
+    flushed = [("chat_messages_total", (("kind", "local"), ("status", "done"))),
+               ("chat_messages_total", (("kind", "ollama"), ("status", "done"))),
+               ("chat_reply_first_token_seconds_count", (("kind", "ollama"),))]
+    await eventually(lambda: all(k in async_to_sync(scraped)() for k in flushed), timeout=10,
+                     what="the workers' metrics")
+    found = await scraped()
     assert found[("chat_messages_total", (("kind", "local"), ("status", "done")))] >= 1
     assert found[("chat_messages_total", (("kind", "ollama"), ("status", "done")))] >= 1
     assert found[("chat_reply_first_token_seconds_count", (("kind", "ollama"),))] >= 1

@@ -19,12 +19,14 @@ tasks, so that the CPU worker, which imports this module, stays light.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from chat.catalog import ModelChoice, endpoints, model_resolve
@@ -40,7 +42,7 @@ from chatsite.errors import error_code
 from chatsite.ollama_client import OllamaModelMissing, ollama_chat_stream, ollama_tags
 from chatsite.openai_client import openai_chat_stream
 from gpu_manager.leases import LeaseKeeper, LeaseLost, Leases
-from gpu_manager.scheduler import Item, Scheduler, slot_scheduler
+from gpu_manager.scheduler import Item, ObservationBuffer, Scheduler
 from gpu_manager.state import LocalSpec
 
 if TYPE_CHECKING:  # the GPU tasks hand it in; importing it would import torch
@@ -64,24 +66,40 @@ class Outcome:
     completion_tokens: int = 0
 
 
+def db_release() -> None:
+    """Give this run's database connection back: to the pool on PostgreSQL,
+    closed on SQLite (a reopen costs ~0.1 ms). A CPU worker streams hundreds
+    of replies at once, each in its own greenlet with its own connection:
+    a stream must not hold one while it waits on its upstream."""
+    connection.close()
+
+
 class _Run:
     """The bookkeeping of one streaming reply: deltas, first-token time,
-    periodic saves, a rate-limited cancel check, and its claim."""
+    periodic saves, a rate-limited cancel check, and its claim.
+    `streaming`: an external stream, which gives its database connection
+    back after each write (`db_release`)."""
 
-    def __init__(self, reply: Message, hold: ReplyHold):
+    def __init__(self, reply: Message, hold: ReplyHold, *, streaming: bool = False):
         self.reply = reply
         self.hold = hold
+        self.streaming = streaming
         self.relay = DeltaRelay(reply.pk, on_flush=self._flushed)
         self._saved_at = time.monotonic()
-        self._cancel_checked = 0.0
+        self._cancel_checked = time.monotonic()  # `reply_start` has just read the flag
         self._cancelled = False
 
     def _flushed(self, relay: DeltaRelay) -> None:
+        wrote = False
         if relay.seq == 1:
             Message.objects.filter(pk=self.reply.pk).update(first_token_at=timezone.now())
+            wrote = True
         if time.monotonic() - self._saved_at >= SAVE_EVERY_SECONDS:
             Message.objects.filter(pk=self.reply.pk).update(content=relay.text)
             self._saved_at = time.monotonic()
+            wrote = True
+        if wrote and self.streaming:
+            db_release()
 
     def should_stop(self) -> bool:
         """Cancelled, or the claim was taken over: stop generating now."""
@@ -106,15 +124,17 @@ class _Run:
 
     def fail(self, exc: Exception) -> None:
         """End the reply with the error, keeping the text already sent."""
-        self.relay.flush()
-        message_fail(message_id=self.reply.pk, code=error_code(exc), detail=str(exc), content=self.relay.text)
+        before = self.relay.take()
+        self.hold.ended = message_fail(message_id=self.reply.pk, code=error_code(exc), detail=str(exc),
+                                       content=self.relay.text, before=before)
 
     def finish(self, outcome: Outcome) -> None:
         if self.superseded():
             return
-        self.relay.flush()
-        message_finish(message_id=self.reply.pk, content=self.relay.text, finish_reason=outcome.finish_reason,
-                       prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens)
+        before = self.relay.take()  # the last text and the end: one group send
+        self.hold.ended = message_finish(
+            message_id=self.reply.pk, content=self.relay.text, finish_reason=outcome.finish_reason,
+            prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens, before=before)
 
 
 def reply_start(message_id: int) -> tuple[Message, ModelChoice] | None:
@@ -313,13 +333,14 @@ def external_reply_generate(*, message_id: int) -> None:
     if hold is None:  # another run streams this reply, under its own GPU lease
         return
     leases = Leases(slot=settings.OLLAMA_GPU_SLOT)
+    kept = False  # the lease keeper, once it ran, has released the lease
     with hold:
         try:
             started = reply_start(message_id)
             if started is None:
                 return
             reply, choice = started
-            run = _Run(reply, hold)
+            run = _Run(reply, hold, streaming=True)
             if choice.kind == "ollama":
                 # The lease granted at admission or by the acquire step keeps
                 # local models off the GPU while Ollama generates; without it,
@@ -327,6 +348,7 @@ def external_reply_generate(*, message_id: int) -> None:
                 began, final = time.perf_counter(), {}
                 try:
                     with LeaseKeeper(leases, message_id, ttl=settings.GPU_LEASE_TTL) as keeper:
+                        kept = True
                         _stream(run, _ollama_chunks(choice, reply, final), lease=keeper)
                 except LeaseLost as exc:
                     if not run.superseded():
@@ -338,7 +360,8 @@ def external_reply_generate(*, message_id: int) -> None:
         finally:
             # Whatever happened (cancelled while queued, an error before the
             # stream), the GPU is not held a moment longer than the generation.
-            leases.release(message_id)
+            if not kept:
+                leases.release(message_id)
 
 
 def _stream(run: _Run, chunks: Iterator[tuple[str, str, int, int]], *, lease: LeaseKeeper | None = None) -> None:
@@ -378,19 +401,27 @@ def _stream(run: _Run, chunks: Iterator[tuple[str, str, int, int]], *, lease: Le
 OLLAMA_SWITCH_LOAD_SECONDS = 0.05
 
 
+@functools.cache
+def _observations() -> ObservationBuffer:
+    return ObservationBuffer(period=settings.GPU_OBSERVE_FLUSH_SECONDS)
+
+
 def _ollama_observe(seconds: float, load_seconds: float) -> None:
     """Feed the scheduler of Ollama's GPU: how long a generation held the
-    GPU, and Ollama's own load when this reply paid for one."""
-    sched = slot_scheduler(settings.OLLAMA_GPU_SLOT)
-    sched.observe("serve:ollama", seconds)
+    GPU, and Ollama's own load when this reply paid for one (sent in
+    batches: `ObservationBuffer`)."""
+    slot = settings.OLLAMA_GPU_SLOT
+    _observations().add(slot=slot, what="serve:ollama", seconds=seconds)
     if load_seconds >= OLLAMA_SWITCH_LOAD_SECONDS:
-        sched.observe("load:ollama", load_seconds)
+        _observations().add(slot=slot, what="load:ollama", seconds=load_seconds)
 
 
 def _ollama_chunks(choice: ModelChoice, reply: Message, final: dict) -> Iterator[tuple[str, str, int, int]]:
     gen = choice.generation
     options = {"num_predict": gen["max_new_tokens"], "temperature": gen["temperature"], "top_p": gen["top_p"]}
-    for chunk in ollama_chat_stream(choice.base_url, model=choice.upstream, messages=history(reply),
+    messages = history(reply)
+    db_release()  # the first token may be seconds away (Ollama loading the model)
+    for chunk in ollama_chat_stream(choice.base_url, model=choice.upstream, messages=messages,
                                     options=options):
         finish = ("length" if chunk.done_reason == "length" else "stop") if chunk.done else ""
         if chunk.done:
@@ -400,8 +431,10 @@ def _ollama_chunks(choice: ModelChoice, reply: Message, final: dict) -> Iterator
 
 def _openai_chunks(choice: ModelChoice, reply: Message) -> Iterator[tuple[str, str, int, int]]:
     gen = choice.generation
+    messages = history(reply)
+    db_release()
     for chunk in openai_chat_stream(choice.base_url, choice.api_key, model=choice.upstream,
-                                    messages=history(reply), max_tokens=gen["max_new_tokens"],
+                                    messages=messages, max_tokens=gen["max_new_tokens"],
                                     temperature=gen["temperature"], top_p=gen["top_p"]):
         finish = "length" if chunk.finish_reason == "length" else ("stop" if chunk.finish_reason else "")
         yield chunk.text, finish, chunk.prompt_tokens, chunk.completion_tokens

@@ -52,7 +52,7 @@ def stack_commands(*, host: str, port: int) -> list[tuple[str, list[str]]]:
         ]),
         ("cpu-worker", [
             python, "-m", "celery", "-A", "chatsite", "worker", "-Q", queues.CPU_QUEUE,
-            "-P", "threads", "-c", "16", "-n", "cpu@%h", "--loglevel", "INFO",
+            "-P", "gevent", "-c", str(settings.CPU_WORKER_CONCURRENCY), "-n", "cpu@%h", "--loglevel", "INFO",
         ]),
     ]
 
