@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import dispatch, local_generation, streaming  # noqa: E402
+from bench import concurrency, dispatch, local_generation, streaming  # noqa: E402
 from bench.stack import stacks_started  # noqa: E402
 
 
@@ -39,7 +39,8 @@ def main() -> None:
     subprocess.run([sys.executable, str(ROOT / "bench" / "swap.py")], check=True)
     step("swap", seconds, started)
 
-    d_args, s_args, l_args = (m.parser().parse_args([]) for m in (dispatch, streaming, local_generation))
+    d_args, s_args, l_args, c_args = (m.parser().parse_args([])
+                                      for m in (dispatch, streaming, local_generation, concurrency))
     started = time.monotonic()
     with stacks_started(["uvicorn", "daphne"]) as stacks:
         raw = asyncio.run(dispatch.measure(stacks, d_args))
@@ -51,9 +52,13 @@ def main() -> None:
         started = time.monotonic()
         local_raw = local_generation.measure(stack, l_args)
         step("local generation", seconds, started)
+        started = time.monotonic()
+        concurrency_raw = asyncio.run(concurrency.measure(stack, c_args))
+        step("concurrency", seconds, started)
     dispatch.report(raw, {asgi: s.start_seconds for asgi, s in stacks.items()}, d_args)
     streaming.report(streaming_raw, s_args)
     local_generation.report(local_raw, l_args)
+    concurrency.report(concurrency_raw, c_args)
 
     started = time.monotonic()
     subprocess.run([sys.executable, str(ROOT / "bench" / "batch.py")], check=True)

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import os
+import signal
 import statistics
 import sys
 import time
@@ -162,6 +165,44 @@ async def paced(stack: BenchStack, args) -> dict:
             "ratio": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
 
 
+async def killed(stack: BenchStack, args) -> dict:
+    """`--killed` Ollama replies streaming when the CPU worker is SIGKILLed
+    (then started again, as `make run` does): each must end exactly once,
+    with its reply or a clear error. The GPU worker reaps their leases once
+    GPU_LEASE_TTL has passed without renewal and ends each with
+    `worker_lost`; after the last end, the sockets are watched for another
+    `--watch` seconds for a second end of any of them."""
+    mark("concurrency: killed")
+    expected = reply_text(args.killed_tokens)
+    stack.fake_config("ollama", reply=expected, token_delay=1 / args.wide_rate)
+    conns = await sockets_open(stack, args.killed)
+    replies = [await c.send(MODEL, "Tell me a story") for c in conns]
+    deadline = time.monotonic() + 120
+    while sum(r.first is not None for r in replies) < len(replies) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    streaming = sum(r.first is not None and r.end is None for r in replies)
+    open_at_fake = stack.fake_stats("ollama")["peak_concurrency"]
+    proc = stack.procs["cpu-worker"]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = time.perf_counter()
+    stack._spawn("cpu-worker", stack.argv["cpu-worker"], stack.env)
+    await asyncio.wait_for(asyncio.gather(*(r.finished.wait() for r in replies)), timeout=args.killed_wait)
+    last_end = max(r.done for r in replies) - killed_at
+    await asyncio.sleep(args.watch)  # an observation window for second ends, not a wait for a condition
+    ends = collections.Counter()
+    for c in conns:
+        ends.update(c.ends)
+    await asyncio.gather(*(c.close() for c in conns))
+    outcomes = collections.Counter(r.end["type"] if r.end["type"] == "chat.done" else r.end.get("code")
+                                   for r in replies)
+    return {"replies": len(replies), "streaming_when_killed": streaming, "open_at_fake": open_at_fake,
+            "ended_once": sum(ends[r.message] == 1 for r in replies),
+            "ended_twice_or_more": sum(ends[r.message] > 1 for r in replies),
+            "never_ended": sum(ends[r.message] == 0 for r in replies),
+            "outcomes": dict(outcomes), "seconds_kill_to_last_end": last_end}
+
+
 async def measure(stack: BenchStack, args) -> dict:
     results = {"wide": await wide(stack, args)}
     w = results["wide"]
@@ -169,6 +210,10 @@ async def measure(stack: BenchStack, args) -> dict:
           f"{w['done']}/{w['replies']} done, {w['kib_per_stream_cpu_worker']:.0f} KiB per stream (CPU worker)",
           flush=True)
     results["paced"] = await paced(stack, args)
+    results["killed"] = await killed(stack, args)
+    k = results["killed"]
+    print(f"  killed with {k['streaming_when_killed']} streaming: {k['ended_once']} ended once, "
+          f"{k['ended_twice_or_more']} twice, {k['never_ended']} never; {k['outcomes']}", flush=True)
     stack.fake_config("ollama", reply="Hello from fake Ollama.", token_delay=0.0)  # as the next benchmark expects
     return results
 
@@ -202,6 +247,16 @@ def tables_make(r: dict) -> list[dict]:
          f"{p['conversations']}"],
         ["", "first token p50 (last repeat)", f"{ours[-1]['first_token_p50'] * 1000:.0f} ms", ""],
     ]
+    k = r["killed"]
+    rows += [
+        [f"killed: the CPU worker SIGKILLed with {k['replies']} Ollama replies streaming",
+         "streaming when killed (open at the fake)", f"{k['streaming_when_killed']} ({k['open_at_fake']})",
+         f"{k['replies']}"],
+        ["", "ended exactly once / twice or more / never",
+         f"{k['ended_once']} / {k['ended_twice_or_more']} / {k['never_ended']}", f"{k['replies']} / 0 / 0"],
+        ["", "how they ended", ", ".join(f"{n} {what}" for what, n in sorted(k["outcomes"].items())), ""],
+        ["", "kill → last end", f"{k['seconds_kill_to_last_end']:.1f} s", "GPU_LEASE_TTL + reaping"],
+    ]
     return [{"title": "concurrency: external replies streaming at once from one CPU worker process "
                       "(`-P gevent`, make run)",
              "header": ["run", "figure", "ours", "target / floor"], "rows": rows}]
@@ -216,6 +271,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--paced-tokens", type=int, default=100)
     parser.add_argument("--paced-rate", type=float, default=20.0, help="tokens/s of each paced stream")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--killed", type=int, default=300, help="replies streaming when the CPU worker is killed")
+    parser.add_argument("--killed-tokens", type=int, default=400)
+    parser.add_argument("--killed-wait", type=float, default=120.0, help="seconds for every reply to end")
+    parser.add_argument("--watch", type=float, default=3.0, help="seconds to watch for a second end")
     parser.add_argument("--asgi", default="uvicorn")
     parser.add_argument("--keep", action="store_true")
     return parser

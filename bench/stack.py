@@ -16,6 +16,7 @@ flight on one socket (the open-loop run).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -310,6 +311,8 @@ class Conn:
         self.by_client: dict[str, Reply] = {}
         self.by_message: dict[int, Reply] = {}
         self.early: dict[int, list[tuple[float, dict]]] = {}
+        #: End frames (chat.done / chat.error) seen per message: one each.
+        self.ends: collections.Counter = collections.Counter()
         self.reader = asyncio.create_task(self._read())
 
     async def send(self, model: str, content: str, *, due: float | None = None) -> Reply:
@@ -336,9 +339,12 @@ class Conn:
                 self.by_message[frame["message"]] = reply
                 for at, early in self.early.pop(frame["message"], []):
                     self._file(reply, at, early)
-            elif frame.get("message") is None:
+                continue
+            if frame.get("message") is None:
                 raise RuntimeError(f"error frame: {frame}")
-            elif frame["message"] in self.by_message:
+            if kind in ("chat.done", "chat.error"):
+                self.ends[frame["message"]] += 1
+            if frame["message"] in self.by_message:
                 self._file(self.by_message[frame["message"]], now, frame)
             else:  # cannot happen with Channels' in-order dispatch; kept safe anyway
                 self.early.setdefault(frame["message"], []).append((now, frame))

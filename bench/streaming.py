@@ -159,8 +159,8 @@ def parser() -> argparse.ArgumentParser:
 
 def report(raw: dict, args) -> None:
     notes = ["each conversation is its own websocket; tokens are the fake's whitespace-separated words",
-             "the CPU worker runs 16 threads (`-P threads -c 16`, make run): at most 16 external replies "
-             "stream at once; the rest wait in the cpu queue"]
+             "the CPU worker runs Celery's gevent pool (`-P gevent -c 1000`, make run): every external "
+             "reply streams at once (bench/concurrency.py for hundreds)"]
     results_write("streaming", tables=tables_make(summarize(raw), args),
                   figures={"summary": summarize(raw), "raw": raw,
                            "params": {k: v for k, v in vars(args).items() if k != "keep"}}, notes=notes)

@@ -110,6 +110,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 30,
     }
+    # Django's backend, waiting for the write lock with sleeps that gevent
+    # can run other greenlets through (chatsite/dbsqlite3/base.py).
+    DATABASES["default"]["ENGINE"] = "chatsite.dbsqlite3"
     # Workers are separate processes: the test database must be a file.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-db.sqlite3")}
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":

@@ -22,6 +22,24 @@ class MessageTask(Task):
     #: Results are not read: replies travel through the channel layer.
     ignore_result = True
 
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception:
+            raise  # on_failure ends the reply
+        except BaseException as exc:
+            # The gevent pool (CPU workers) enforces the hard time limit by
+            # raising gevent's Timeout, a BaseException, inside the task;
+            # Celery then fails the task without calling on_failure, so the
+            # reply is ended here. Our own deadline (GENERATION_DEADLINE_SECONDS)
+            # ends a reply long before; this is the backstop.
+            if _time_limit(exc):
+                message_id = self.message_id(args, kwargs)
+                if message_id is not None:
+                    message_fail(message_id=message_id, code="time_limit",
+                                 detail=f"The reply ran past the {exc.seconds:g} s time limit of its task.")
+            raise
+
     def before_start(self, task_id, args, kwargs) -> None:
         # Everything this task logs names its message (chatsite/logs.py).
         message_id_var.set(args[0] if args else kwargs.get("message_id"))
@@ -42,3 +60,11 @@ class MessageTask(Task):
         message_id = self.message_id(args, kwargs)
         if message_id is not None:
             message_fail(message_id=message_id, code=error_code(exc), detail=str(exc) or type(exc).__name__)
+
+
+def _time_limit(exc: BaseException) -> bool:
+    """gevent's Timeout, as the gevent pool raises it at a task's time limit
+    (celery/concurrency/gevent.py `apply_timeout`); gevent is not imported
+    by the other pools' processes."""
+    cls = type(exc)
+    return cls.__name__ == "Timeout" and cls.__module__.startswith("gevent")

@@ -1,0 +1,76 @@
+"""Django's SQLite backend, waiting for the write lock without blocking
+the process.
+
+SQLite lets one connection write at a time; a second waits in SQLite's own
+busy handler, which sleeps in C. In the CPU worker's gevent pool every
+stream is a greenlet of one thread: a greenlet waiting there stops the
+whole process, including the greenlet that holds the lock and would release
+it (it yielded on a socket inside a transaction: a Redis call in a
+batch line's dispatch). The process then stands still for the whole
+timeout and the writes fail with "database is locked".
+
+So SQLite's own wait is kept to a few milliseconds (BUSY_SLICE) and the
+rest of the wait (the `timeout` option, 30 s in chatsite/settings.py) is
+spent here, in time.sleep, which gevent turns into a yield: the lock holder
+runs, commits, and the waiter's retry goes through. A statement that failed
+with SQLITE_BUSY did nothing, so running it again is safe; in WAL mode with
+IMMEDIATE transactions (settings), only the statement that takes the write
+lock (BEGIN IMMEDIATE, or an autocommit write) can fail so.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from django.db.backends.sqlite3 import base
+
+#: Seconds SQLite's own busy handler may block before we take over.
+BUSY_SLICE = 0.005
+#: Our pause between tries: doubled from the first to the last.
+PAUSE_FIRST, PAUSE_LAST = 0.001, 0.05
+
+
+def _busy(exc: Exception) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "database is locked" in str(exc)
+
+
+def _retried(call, timeout: float):
+    deadline = time.monotonic() + timeout
+    pause = PAUSE_FIRST
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, PAUSE_LAST)
+
+
+class CursorWrapper(base.SQLiteCursorWrapper):
+    busy_timeout = 30.0
+
+    def execute(self, query, params=None):
+        return _retried(lambda: super(CursorWrapper, self).execute(query, params), self.busy_timeout)
+
+    def executemany(self, query, param_list):
+        param_list = list(param_list)  # a generator could not be replayed
+        return _retried(lambda: super(CursorWrapper, self).executemany(query, param_list), self.busy_timeout)
+
+
+class DatabaseWrapper(base.DatabaseWrapper):
+    def get_connection_params(self):
+        params = super().get_connection_params()
+        self._busy_timeout = float(params.get("timeout", 5.0))
+        params["timeout"] = BUSY_SLICE
+        return params
+
+    def create_cursor(self, name=None):
+        cursor = self.connection.cursor(factory=CursorWrapper)
+        cursor.busy_timeout = self._busy_timeout
+        return cursor
+
+    def _commit(self):
+        if self.connection is not None:
+            with self.wrap_database_errors:
+                return _retried(self.connection.commit, self._busy_timeout)
