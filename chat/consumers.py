@@ -2,7 +2,6 @@
 chat services, and relay the events that tasks send to a reply's group."""
 from __future__ import annotations
 
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
@@ -69,7 +68,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         def subscribe(message_id: int) -> None:
             # Runs after the commit, before the task is queued: no frame of
             # the reply can be sent before this socket listens for it.
-            async_to_sync(self.channel_layer.group_add)(message_group(message_id), self.channel_name)
+            self.channel_layer.group_add_blocking(message_group(message_id), self.channel_name)
 
         reply = await database_sync_to_async(services.message_enqueue)(
             user=self.user, model=model, content=content, conversation_id=conversation, client_id=client_id,

@@ -130,6 +130,11 @@ class RedisChannelLayer(core.RedisChannelLayer):
         socket (channels_redis's takes nine, and an event loop)."""
         self._blocking.send(group, message)
 
+    def group_add_blocking(self, group: str, channel: str) -> None:
+        """`group_add` for synchronous code (a subscription made in the
+        enqueueing thread, chat/consumers.py): no hop back to the event loop."""
+        self._blocking.add(group, channel)
+
 
 class BlockingSender:
     """channels_redis's group_send, blocking: the group's members are read
@@ -172,6 +177,18 @@ class BlockingSender:
         self.client = redis.Redis.from_url(
             address, **host, retry=Retry(NoBackoff(), 1), retry_on_error=[redis.ConnectionError])
         self.script = self.client.register_script(self.SCRIPT)
+
+    def add(self, group: str, channel: str) -> None:
+        """channels_redis's group_add: the member, scored by when it joined,
+        and the group's expiry, in one round trip."""
+        layer = self.layer
+        assert layer.require_valid_group_name(group), "Group name not valid"
+        assert layer.require_valid_channel_name(channel), "Channel name not valid"
+        key = layer._group_key(group)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(key, {channel: time.time()})
+        pipe.expire(key, layer.group_expiry)
+        pipe.execute()
 
     def send(self, group: str, message: dict) -> None:
         layer = self.layer

@@ -224,17 +224,18 @@ CELERY_IMPORTS = (queues.CPU_TASK_MODULE,)
 # "Prefetch limits": https://docs.celeryq.dev/en/stable/userguide/optimizing.html#prefetch-limits).
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# Generation limits. Celery enforces these in the prefork pool only: the solo
-# pool (GPU worker) and the threads pool (CPU worker) drop them
-# (celery/concurrency/solo.py, thread.py; tests/test_faults.py
-# test_the_worker_pools_do_not_enforce_task_time_limits). They are kept as
-# the budget the redelivery timeout below is sized from; what bounds a
-# generation in fact is max_new_tokens, UPSTREAM_READ_TIMEOUT and
+# Generation limits. The solo pool (GPU worker) drops these
+# (celery/concurrency/solo.py); the gevent pool (CPU workers) enforces the
+# hard one, and the reply then ends with `time_limit` (workers/base.py;
+# tests/test_faults.py
+# test_the_solo_pool_ignores_task_time_limits_and_the_gevent_pool_ends_the_reply_at_them).
+# They are the budget the redelivery timeout below is sized from; what
+# bounds a generation in fact is max_new_tokens, UPSTREAM_READ_TIMEOUT and
 # GENERATION_DEADLINE_SECONDS (docs/reliability.md).
 CHAT_TASK_SOFT_TIME_LIMIT = int(os.environ.get("CHAT_TASK_SOFT_TIME_LIMIT", 600))
 CELERY_TASK_SOFT_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT
 CELERY_TASK_TIME_LIMIT = CHAT_TASK_SOFT_TIME_LIMIT + 60
-#: Since no pool enforces the limits above, generation enforces its own:
+#: Since the GPU worker's pool enforces no limit above, generation enforces its own:
 #: seconds from when a run claims a reply (chat/dispatch.py reply_claim;
 #: for a local model, before its GPU switch) after which the local model
 #: stops at its next token and an Ollama or OpenAI stream is closed at its

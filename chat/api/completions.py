@@ -14,7 +14,7 @@ import json
 import time
 from typing import AsyncIterator
 
-from asgiref.sync import async_to_sync, sync_to_async
+from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
@@ -79,7 +79,7 @@ class ReplyListener:
         """message_enqueue's `subscribe`: runs in the enqueueing thread after
         the commit, before the task is queued."""
         self.message_id = message_id
-        async_to_sync(self.layer.group_add)(message_group(message_id), self.channel)
+        self.layer.group_add_blocking(message_group(message_id), self.channel)
 
     async def close(self) -> None:
         if self._reader is not None:
