@@ -21,7 +21,10 @@ How lines run:
 - `batch_advance` moves a batch on. It runs as a task when one of the
   batch's lines ends (a task_postrun hook in workers/lifecycle.py), after a
   cancel, and from a watchdog while the batch runs (a reply can also end
-  outside a task, when a worker's death is noticed). It is idempotent and serialized per batch.
+  outside a task, when a worker's death is noticed). It is idempotent and
+  serialized per batch, and its tasks coalesce: while one is queued and has
+  not started, a line's end queues no other (`batch_advance_queue`), so a
+  batch costs a task per pass of its advance, not one per line.
 - The output and error files are written once, from the lines' and their
   Messages' terminal states, in the transaction that ends the batch. A
   Message ends once (`message_finish`/`message_fail`), so each line appears
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -59,6 +63,14 @@ ENDPOINTS = ("/v1/chat/completions",)
 COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 #: Validation errors listed on the batch object itself; all of them are in the error file.
 ERRORS_LISTED = 1000
+#: While filling, the batch's status is read again after this many lines: a
+#: cancel stops the filling within this many lines, whatever the window.
+FILL_STATUS_EVERY = 8
+#: Lines validated or written to a result file between two yields: the CPU
+#: worker runs greenlets (gevent) on one thread, and a pass over a large
+#: file must not hold up the streams beside it (and their connect timeouts,
+#: lease renewals and interactive replies) for the whole pass.
+YIELD_EVERY = 200
 
 
 # --- files ------------------------------------------------------------------
@@ -184,9 +196,29 @@ def _ts(moment) -> int | None:
 
 # --- moving a batch on ------------------------------------------------------
 
+def _queued_key(batch_id: str) -> str:
+    return f"batch:queued:{batch_id}"
+
+
 def batch_advance_queue(*, batch_id: str, countdown: float | None = None) -> None:
-    app.signature(queues.CPU_BATCH_ADVANCE, args=(batch_id,), priority=settings.BATCH_PRIORITY,
-                  countdown=countdown).apply_async()
+    """Queue an advance of the batch (at once, or after `countdown` seconds:
+    the watchdog).
+
+    An immediate one is queued only when none is waiting to start: a line's
+    end commits before this is called, and the waiting task reads the
+    database after it starts, so it sees that end too (`batch_advance`
+    clears the key as it starts, before it reads anything). The key
+    expires, so a task the broker lost costs a watchdog period at most."""
+    if countdown is None:
+        if not redis_client().set(_queued_key(batch_id), "1", nx=True, ex=int(settings.BATCH_WATCHDOG_SECONDS)):
+            return
+    try:
+        app.signature(queues.CPU_BATCH_ADVANCE, args=(batch_id,), priority=settings.BATCH_PRIORITY,
+                      countdown=countdown).apply_async()
+    except Exception:
+        if countdown is None:  # none is queued after all: the next caller must try
+            redis_client().delete(_queued_key(batch_id))
+        raise
 
 
 def batch_line_ended(*, message_id: int) -> str | None:
@@ -208,7 +240,10 @@ def batch_advance(*, batch_id: str) -> None:
     """
     r = redis_client()
     mark = f"batch:changed:{batch_id}"
-    r.set(mark, "1", ex=settings.BATCH_LOCK_SECONDS)
+    # The queued key first: a change after this point queues a new task
+    # (batch_advance_queue). One round trip for both.
+    r.pipeline(transaction=False).delete(_queued_key(batch_id)) \
+        .set(mark, "1", ex=settings.BATCH_LOCK_SECONDS).execute()
     lock = r.lock(f"batch:lock:{batch_id}", timeout=settings.BATCH_LOCK_SECONDS)
     while lock.acquire(blocking=False):
         try:
@@ -232,20 +267,22 @@ def _advance(batch_id: str) -> None:
     if batch.status == BatchStatus.VALIDATING:
         _validate(batch)
         batch.refresh_from_db()
+    busy = False
     if batch.status == BatchStatus.IN_PROGRESS:
-        _fill(batch)
-    elif batch.status == BatchStatus.CANCELLING:
+        busy = _fill(batch)
+        batch.refresh_from_db(fields=["status"])  # a cancel may have come meanwhile
+    if batch.status == BatchStatus.CANCELLING:
         batch.lines.filter(state=BatchLine.State.PENDING).update(state=BatchLine.State.CANCELLED)
-    batch.refresh_from_db(fields=["status"])  # a cancel may have come meanwhile
-    if batch.status in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING) and not _unfinished(batch):
+        busy = False  # what is in flight is all that is left: look
+    if batch.status in (BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING) and not busy and not _unfinished(batch):
         _finalize(batch)
     elif batch.status not in BATCH_FINISHED_STATUSES:
         _watchdog_arm(batch_id)
 
 
 def _watchdog_arm(batch_id: str) -> None:
-    # One pending watchdog per batch and interval: every line end arms it,
-    # the key makes all but the first a no-op.
+    # One pending watchdog per batch and interval: every pass arms it, the
+    # key makes all but the first a no-op.
     if redis_client().set(f"batch:watchdog:{batch_id}", "1", nx=True, ex=int(settings.BATCH_WATCHDOG_SECONDS)):
         batch_advance_queue(batch_id=batch_id, countdown=settings.BATCH_WATCHDOG_SECONDS)
 
@@ -259,45 +296,74 @@ def _unfinished(batch: Batch) -> bool:
     return batch.lines.filter(state=BatchLine.State.PENDING).exists() or _in_flight(batch).exists()
 
 
-def _fill(batch: Batch) -> None:
-    """Give lines their Messages, in rank order, up to the window."""
-    room = settings.BATCH_MAX_IN_FLIGHT - _in_flight(batch).count()
+def _in_progress(batch: Batch) -> bool:
+    return Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() == BatchStatus.IN_PROGRESS
+
+
+def _fill(batch: Batch) -> bool:
+    """Give lines their Messages, in rank order, up to the window. True when
+    the batch is known to have lines in flight (counted, or queued by this
+    pass): it cannot end in this pass, and each of those lines' ends brings
+    another (the task_postrun hook, or the watchdog)."""
+    in_flight = _in_flight(batch).count()
+    room = settings.BATCH_MAX_IN_FLIGHT - in_flight
+    busy = in_flight > 0
+    tried = 0
     while room > 0:
         lines = list(batch.lines.filter(state=BatchLine.State.PENDING).order_by("rank", "line")[:room])
         if not lines:
-            return
+            break
         for line in lines:
             if _line_dispatch(batch, line):
                 room -= 1
-        # A cancel stops the filling at once, not after the window.
-        if Batch.objects.filter(pk=batch.pk).values_list("status", flat=True).first() != BatchStatus.IN_PROGRESS:
-            return
+                busy = True
+            tried += 1
+            # A cancel stops the filling at once, not after the window.
+            if tried % FILL_STATUS_EVERY == 0 and not _in_progress(batch):
+                return busy
+    return busy
 
 
 def _line_dispatch(batch: Batch, line: BatchLine) -> bool:
-    """Claim the line and queue its Message, in one transaction: a crash
-    leaves it pending or dispatched with its Message, never half of it."""
-    with transaction.atomic():
-        if not BatchLine.objects.filter(pk=line.pk, state=BatchLine.State.PENDING) \
-                .update(state=BatchLine.State.DISPATCHED):
-            return False
-        try:
-            request = chat_request_parse(line.body)
-            reply = completion_enqueue(user=batch.user, request=request, priority=settings.BATCH_PRIORITY,
-                                       title=f"{batch.pk} #{line.line} {line.custom_id}")
-        except RequestError as exc:
-            # Valid when checked, not now (the model went away): the line ends here.
-            BatchLine.objects.filter(pk=line.pk).update(state=BatchLine.State.FAILED, error_code=exc.code,
-                                                        error_message=exc.detail)
-            return False
-        BatchLine.objects.filter(pk=line.pk).update(message=reply)
+    """Queue the line's Message and mark the line dispatched with it, in one
+    transaction: a crash leaves it pending, or dispatched with its Message,
+    never half of it. The line is claimed by the same conditional update
+    that links its Message: a line another advance took meanwhile (one whose
+    lock expired) rolls this one's Message back, and its queueing with it
+    (on_commit)."""
+    try:
+        with transaction.atomic():
+            try:
+                request = chat_request_parse(line.body)
+                reply = completion_enqueue(user=batch.user, request=request, priority=settings.BATCH_PRIORITY,
+                                           title=f"{batch.pk} #{line.line} {line.custom_id}")
+            except RequestError as exc:
+                # Valid when checked, not now (the model went away): the line ends here.
+                BatchLine.objects.filter(pk=line.pk, state=BatchLine.State.PENDING).update(
+                    state=BatchLine.State.FAILED, error_code=exc.code, error_message=exc.detail)
+                return False
+            if not BatchLine.objects.filter(pk=line.pk, state=BatchLine.State.PENDING) \
+                    .update(state=BatchLine.State.DISPATCHED, message=reply):
+                raise _Taken
+    except _Taken:
+        return False
     return True
+
+
+class _Taken(Exception):
+    """The line was no longer pending: its Message is rolled back."""
 
 
 # --- validation -------------------------------------------------------------
 
 class _Invalid(CodedError):
     """A line that cannot run: it ends as an error line with this code."""
+
+
+def _yield() -> None:
+    """Let the other greenlets of a gevent worker run (time.sleep is
+    gevent's there); elsewhere a no-op that gives up the GIL for a moment."""
+    time.sleep(0)
 
 
 def _validate(batch: Batch) -> None:
@@ -314,6 +380,8 @@ def _validate(batch: Batch) -> None:
             line.state, line.error_code, line.error_message = BatchLine.State.INVALID, exc.code, exc.detail
             line.body = None
         lines.append(line)
+        if len(lines) % YIELD_EVERY == 0:
+            _yield()
     too_many = len(lines) > settings.BATCH_MAX_LINES
     valid = [line for line in lines if line.state == BatchLine.State.PENDING]
     _ranks_assign(batch, valid)
@@ -333,7 +401,9 @@ def _validate(batch: Batch) -> None:
             return  # cancelled meanwhile
         if too_many:
             return
-        BatchLine.objects.bulk_create(lines, batch_size=500)
+        for start in range(0, len(lines), 500):
+            BatchLine.objects.bulk_create(lines[start:start + 500])
+            _yield()
         if not started:
             batch.refresh_from_db()
             _files_write(batch)
@@ -415,9 +485,11 @@ def _files_write(batch: Batch) -> None:
     """The output and error files, from the lines' terminal states (called
     in the transaction that ends the batch)."""
     output, errors = [], []
-    for line in batch.lines.select_related("message").order_by("line"):
+    for count, line in enumerate(batch.lines.select_related("message").order_by("line"), start=1):
         result = line_result(line)
         (errors if result["error"] or result["response"]["status_code"] != 200 else output).append(result)
+        if count % YIELD_EVERY == 0:
+            _yield()
     fields = {}
     for purpose, results, name in ((BatchFile.Purpose.BATCH_OUTPUT, output, "output"),
                                    (BatchFile.Purpose.BATCH_ERROR, errors, "error")):

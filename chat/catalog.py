@@ -61,6 +61,16 @@ class ModelChoice:
     frees_gpu: bool = True
     generation: dict = field(default_factory=lambda: dict(DEFAULT_GENERATION))
 
+    def as_task_kwargs(self) -> dict | None:
+        """The choice for a task's arguments, so that the worker need not
+        resolve it again (two queries and a cache read per message); None
+        for a choice with a secret (an API key must not sit in the broker's
+        queues and unacked hash: that worker resolves it)."""
+        if self.api_key:
+            return None
+        return {"name": self.name, "kind": self.kind, "upstream": self.upstream, "base_url": self.base_url,
+                "frees_gpu": self.frees_gpu, "generation": dict(self.generation)}
+
     @property
     def needs_gpu_owner(self) -> str | None:
         """The GPU owner this model needs, or None if it does not touch the GPU."""

@@ -137,16 +137,24 @@ def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | No
             if admission.kind == "busy":
                 message_fail(message_id=message_id, code="gpu_busy", detail=_busy_detail(admission))
             elif admission.kind == "fast":
-                app.signature(queues.CPU_GENERATE, args=(message_id,), **options).apply_async()
+                cpu_generate_queue(message_id, choice, **options)
             else:
                 task = queues.GPU_GENERATE if local else queues.GPU_ACQUIRE
                 app.signature(task, args=(message_id,), queue=queues.gpu_queue(slot), **options).apply_async()
         else:
-            app.signature(queues.CPU_GENERATE, args=(message_id,), **options).apply_async()
+            cpu_generate_queue(message_id, choice, **options)
     except Exception as exc:  # the broker refused: see the docstring
         log.exception("could not queue message %s", message_id)
         message_fail(message_id=message_id, code="queue_unavailable", detail=f"Could not queue the message: {exc}")
     return admission
+
+
+def cpu_generate_queue(message_id: int, choice: ModelChoice, **options) -> None:
+    """Queue an external reply's generation on the CPU workers, with its
+    model as resolved here when it carries no secret."""
+    fields = choice.as_task_kwargs()
+    kwargs = {"choice": fields} if fields is not None else {}
+    app.signature(queues.CPU_GENERATE, args=(message_id,), kwargs=kwargs, **options).apply_async()
 
 
 def queued_frame(message_id: int, admission: Admission | None) -> dict | None:
@@ -313,13 +321,15 @@ def cancel_requested(message_id: int) -> bool:
 
 
 def message_finish(*, message_id: int, content: str, finish_reason: str, prompt_tokens: int,
-                   completion_tokens: int, before: list[dict] = ()) -> bool:
+                   completion_tokens: int, before: list[dict] = (), known: dict | None = None) -> bool:
     """End a reply and send `chat.done`, once: a conditional update makes a
     second caller (a re-delivered task, a racing cancel) a no-op. `before`:
     the run's last frames (its pending text, chat/relay.py `take`), sent
-    ahead of the end in the same group send."""
+    ahead of the end in the same group send. `known`: the reply's
+    model_name, queued_at, started_at and first_token_at, when the run has
+    them (the metrics then need no query)."""
     status = MessageStatus.CANCELLED if finish_reason == "cancelled" else MessageStatus.DONE
-    ended = _end(message_id, status=status, content=content, finish_reason=finish_reason,
+    ended = _end(message_id, known=known, status=status, content=content, finish_reason=finish_reason,
                  prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
     if ended:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -330,36 +340,39 @@ def message_finish(*, message_id: int, content: str, finish_reason: str, prompt_
 
 
 def message_fail(*, message_id: int, code: str, detail: str, content: str | None = None,
-                 before: list[dict] = ()) -> bool:
+                 before: list[dict] = (), known: dict | None = None) -> bool:
     """End a reply with an error and send `chat.error`, once (after `before`,
-    as in `message_finish`)."""
+    and with `known`, as in `message_finish`)."""
     fields = {"status": MessageStatus.ERROR, "error_code": code, "error_detail": detail}
     if content is not None:
         fields["content"] = content
-    ended = _end(message_id, **fields)
+    ended = _end(message_id, known=known, **fields)
     if ended:
         group_send(message_group(message_id), *before,
                    {"type": "chat.error", "message": message_id, "code": code, "detail": detail})
     return ended
 
 
-def _end(message_id: int, **fields) -> bool:
+def _end(message_id: int, *, known: dict | None = None, **fields) -> bool:
+    finished_at = timezone.now()
     updated = (
         Message.objects.filter(pk=message_id)
         .exclude(status__in=FINISHED_STATUSES)
-        .update(finished_at=timezone.now(), **fields)
+        .update(finished_at=finished_at, **fields)
     )
     if updated == 1:
         dispatch_forget(message_id)
-        _observe(message_id)
+        if known is None:
+            known = Message.objects.filter(pk=message_id).values(
+                "model_name", "queued_at", "started_at", "first_token_at").first()
+        if known is not None:
+            _observe({**known, "status": fields["status"], "finished_at": finished_at})
     return updated == 1
 
 
-def _observe(message_id: int) -> None:
+def _observe(reply: dict) -> None:
     """Feed the reply's timings to /metrics (seconds from queued)."""
-    reply = Message.objects.filter(pk=message_id).values(
-        "model_name", "status", "queued_at", "started_at", "first_token_at", "finished_at").first()
-    if reply is None or reply["queued_at"] is None:
+    if reply["queued_at"] is None:
         return
     kind = next((k for k, prefix in PREFIXES.items() if reply["model_name"].startswith(prefix)), "local")
     seconds = {stage: (reply[f"{stage}_at"] - reply["queued_at"]).total_seconds()

@@ -143,6 +143,12 @@ def ollama_chat_stream(
                         completion_tokens=part.eval_count or 0,
                         load_seconds=(part.load_duration or 0) / 1e9,
                     )
+                    # Read the body to its end: a response closed before
+                    # it cannot go back to the pool, and the next reply
+                    # would open a new connection (a thread-pool name lookup
+                    # and a TCP handshake: ~6 % of a CPU worker's time).
+                    for _ in stream:
+                        pass
                     return
                 yield ChatChunk(text=part.message.content or "")
     finally:

@@ -258,6 +258,9 @@ def _batch_line_followup(sender=None, args=None, **kwargs) -> None:
     message_id = getattr(sender.request, "message_id", None) or (args[0] if args else None)
     if message_id is None:
         return
+    if sender.name == queues.CPU_GENERATE and (sender.request.delivery_info or {}).get(
+            "priority") != settings.BATCH_PRIORITY:
+        return  # an interactive reply: batch lines are queued with BATCH_PRIORITY (chat/dispatch.py)
     batch_id = batch_line_ended(message_id=message_id)
     if batch_id is not None:
         batch_advance_queue(batch_id=batch_id)

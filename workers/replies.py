@@ -31,13 +31,12 @@ from django.utils import timezone
 
 from chat.catalog import ModelChoice, endpoints, model_resolve
 from chat.dispatch import (
-    ReplyHold, cancel_requested, message_dispatch, message_fail, message_finish, reply_claim_holder, reply_hold,
+    ReplyHold, cancel_requested, cpu_generate_queue, message_dispatch, message_fail, message_finish,
+    reply_claim_holder, reply_hold,
 )
 from chat.metrics import gpu_wait_observe
 from chat.models import Message, MessageStatus, ModelConfig, ModelKind
 from chat.relay import DeltaRelay, group_send, message_group
-from chatsite import queues
-from chatsite.celery import app
 from chatsite.errors import error_code
 from chatsite.ollama_client import OllamaModelMissing, ollama_chat_stream, ollama_tags
 from chatsite.openai_client import openai_chat_stream
@@ -67,11 +66,15 @@ class Outcome:
 
 
 def db_release() -> None:
-    """Give this run's database connection back: to the pool on PostgreSQL,
-    closed on SQLite (a reopen costs ~0.1 ms). A CPU worker streams hundreds
-    of replies at once, each in its own greenlet with its own connection:
-    a stream must not hold one while it waits on its upstream."""
-    connection.close()
+    """Give this run's database connection back to the pool (PostgreSQL,
+    chatsite/settings.py). A CPU worker streams hundreds of replies at once,
+    each in its own greenlet with its own connection: a stream must not
+    hold one of the pool's few while it waits on its upstream. A SQLite
+    connection is a file handle, not a server's slot: it is kept until the
+    task ends (Celery's Django fixup closes it), since opening one costs
+    ~0.3 ms (its pragmas and Django's SQL functions)."""
+    if connection.vendor != "sqlite":
+        connection.close()
 
 
 class _Run:
@@ -92,7 +95,8 @@ class _Run:
     def _flushed(self, relay: DeltaRelay) -> None:
         wrote = False
         if relay.seq == 1:
-            Message.objects.filter(pk=self.reply.pk).update(first_token_at=timezone.now())
+            self.reply.first_token_at = timezone.now()
+            Message.objects.filter(pk=self.reply.pk).update(first_token_at=self.reply.first_token_at)
             wrote = True
         if time.monotonic() - self._saved_at >= SAVE_EVERY_SECONDS:
             Message.objects.filter(pk=self.reply.pk).update(content=relay.text)
@@ -100,6 +104,12 @@ class _Run:
             wrote = True
         if wrote and self.streaming:
             db_release()
+
+    def known(self) -> dict:
+        """What the metrics need of the reply, as this run knows it."""
+        r = self.reply
+        return {"model_name": r.model_name, "queued_at": r.queued_at, "started_at": r.started_at,
+                "first_token_at": r.first_token_at}
 
     def should_stop(self) -> bool:
         """Cancelled, or the claim was taken over: stop generating now."""
@@ -126,7 +136,7 @@ class _Run:
         """End the reply with the error, keeping the text already sent."""
         before = self.relay.take()
         self.hold.ended = message_fail(message_id=self.reply.pk, code=error_code(exc), detail=str(exc),
-                                       content=self.relay.text, before=before)
+                                       content=self.relay.text, before=before, known=self.known())
 
     def finish(self, outcome: Outcome) -> None:
         if self.superseded():
@@ -134,14 +144,16 @@ class _Run:
         before = self.relay.take()  # the last text and the end: one group send
         self.hold.ended = message_finish(
             message_id=self.reply.pk, content=self.relay.text, finish_reason=outcome.finish_reason,
-            prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens, before=before)
+            prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens, before=before,
+            known=self.known())
 
 
-def reply_start(message_id: int) -> tuple[Message, ModelChoice] | None:
-    """The reply and its model, marked running; None when there is nothing
-    to do (already ended, or cancelled while it waited). The caller holds
-    the reply's claim: read after taking it, the reply cannot end between
-    this check and the generation (but for a cancel)."""
+def reply_start(message_id: int, choice: ModelChoice | None = None) -> tuple[Message, ModelChoice] | None:
+    """The reply and its model (`choice`, when the sender resolved it and
+    it is the reply's), marked running; None when there is nothing to do
+    (already ended, or cancelled while it waited). The caller holds the
+    reply's claim: read after taking it, the reply cannot end between this
+    check and the generation (but for a cancel)."""
     reply = Message.objects.select_related("conversation").filter(pk=message_id).first()
     if reply is None or reply.is_finished:
         return None
@@ -149,7 +161,8 @@ def reply_start(message_id: int) -> tuple[Message, ModelChoice] | None:
         message_finish(message_id=message_id, content="", finish_reason="cancelled", prompt_tokens=0,
                        completion_tokens=0)
         return None
-    choice = model_resolve(reply.model_name)
+    if choice is None or choice.name != reply.model_name:
+        choice = model_resolve(reply.model_name)
     if reply.status == MessageStatus.QUEUED:
         reply.status, reply.started_at = MessageStatus.RUNNING, timezone.now()
         Message.objects.filter(pk=message_id, status=MessageStatus.QUEUED).update(
@@ -278,7 +291,7 @@ def _gpu_serve(item: Item, *, manager: GpuManager, scheduler: Scheduler,
         return True, hold
     hold.stop()
     options = {"priority": settings.BATCH_PRIORITY} if item.batch else {}
-    app.signature(queues.CPU_GENERATE, args=(item.message_id,), **options).apply_async()
+    cpu_generate_queue(item.message_id, choice, **options)
     return True, None
 
 
@@ -328,7 +341,7 @@ def _external_acquire(choice: ModelChoice, message_id: int, manager: GpuManager)
 
 # --- CPU workers ------------------------------------------------------------
 
-def external_reply_generate(*, message_id: int) -> None:
+def external_reply_generate(*, message_id: int, choice: ModelChoice | None = None) -> None:
     hold = reply_hold(message_id)
     if hold is None:  # another run streams this reply, under its own GPU lease
         return
@@ -336,7 +349,7 @@ def external_reply_generate(*, message_id: int) -> None:
     kept = False  # the lease keeper, once it ran, has released the lease
     with hold:
         try:
-            started = reply_start(message_id)
+            started = reply_start(message_id, choice)
             if started is None:
                 return
             reply, choice = started
