@@ -331,6 +331,7 @@ def _line_dispatch(batch: Batch, line: BatchLine) -> bool:
     that links its Message: a line another advance took meanwhile (one whose
     lock expired) rolls this one's Message back, and its queueing with it
     (on_commit)."""
+    t0 = time.perf_counter()
     try:
         with transaction.atomic():
             try:
@@ -345,9 +346,19 @@ def _line_dispatch(batch: Batch, line: BatchLine) -> bool:
             if not BatchLine.objects.filter(pk=line.pk, state=BatchLine.State.PENDING) \
                     .update(state=BatchLine.State.DISPATCHED, message=reply):
                 raise _Taken
+            t1 = time.perf_counter()
     except _Taken:
         return False
+    t2 = time.perf_counter()
+    _T.append((t1 - t0, t2 - t1))
+    if len(_T) >= 200:
+        a = sum(x for x, _ in _T) / len(_T); b = sum(y for _, y in _T) / len(_T)
+        log.warning("DISPATCH-TIMING txn %.1f ms, commit+on_commit %.1f ms per line", 1000 * a, 1000 * b)
+        _T.clear()
     return True
+
+
+_T = []
 
 
 class _Taken(Exception):

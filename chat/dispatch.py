@@ -321,16 +321,19 @@ def cancel_requested(message_id: int) -> bool:
 
 
 def message_finish(*, message_id: int, content: str, finish_reason: str, prompt_tokens: int,
-                   completion_tokens: int, before: list[dict] = (), known: dict | None = None) -> bool:
+                   completion_tokens: int, before: list[dict] = (), known: dict | None = None,
+                   first_token_at=None) -> bool:
     """End a reply and send `chat.done`, once: a conditional update makes a
     second caller (a re-delivered task, a racing cancel) a no-op. `before`:
     the run's last frames (its pending text, chat/relay.py `take`), sent
     ahead of the end in the same group send. `known`: the reply's
     model_name, queued_at, started_at and first_token_at, when the run has
-    them (the metrics then need no query)."""
+    them (the metrics then need no query). `first_token_at`: written with
+    the end, when the run has not written it yet."""
     status = MessageStatus.CANCELLED if finish_reason == "cancelled" else MessageStatus.DONE
+    extra = {"first_token_at": first_token_at} if first_token_at else {}
     ended = _end(message_id, known=known, status=status, content=content, finish_reason=finish_reason,
-                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, **extra)
     if ended:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
@@ -340,10 +343,12 @@ def message_finish(*, message_id: int, content: str, finish_reason: str, prompt_
 
 
 def message_fail(*, message_id: int, code: str, detail: str, content: str | None = None,
-                 before: list[dict] = (), known: dict | None = None) -> bool:
+                 before: list[dict] = (), known: dict | None = None, first_token_at=None) -> bool:
     """End a reply with an error and send `chat.error`, once (after `before`,
-    and with `known`, as in `message_finish`)."""
+    and with `known` and `first_token_at`, as in `message_finish`)."""
     fields = {"status": MessageStatus.ERROR, "error_code": code, "error_detail": detail}
+    if first_token_at:
+        fields["first_token_at"] = first_token_at
     if content is not None:
         fields["content"] = content
     ended = _end(message_id, known=known, **fields)

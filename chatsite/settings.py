@@ -203,6 +203,9 @@ CELERY_BROKER_URL = REDIS_URL
 # reads a task's result. With one, every send also SUBSCRIBEs (and later
 # UNSUBSCRIBEs) to the task's result channel: two Redis commands per message
 # for nothing (docs/BENCHMARKS.md, "Redis commands per message").
+# The (disabled) result backend is one per process, not one per thread:
+# under the CPU worker's gevent pool, one per greenlet was one per task.
+CELERY_RESULT_BACKEND_THREAD_SAFE = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 # Everything that only talks HTTP to Ollama or an OpenAI endpoint runs on the

@@ -90,20 +90,27 @@ class _Run:
         self.relay = DeltaRelay(reply.pk, on_flush=self._flushed)
         self._saved_at = time.monotonic()
         self._cancel_checked = time.monotonic()  # `reply_start` has just read the flag
+        self._first_token_unsaved = False
         self._cancelled = False
 
     def _flushed(self, relay: DeltaRelay) -> None:
-        wrote = False
         if relay.seq == 1:
+            # Written with the next save, or with the end (`unsaved`): a
+            # reply that ends within SAVE_EVERY_SECONDS costs one write less.
             self.reply.first_token_at = timezone.now()
-            Message.objects.filter(pk=self.reply.pk).update(first_token_at=self.reply.first_token_at)
-            wrote = True
+            self._first_token_unsaved = True
         if time.monotonic() - self._saved_at >= SAVE_EVERY_SECONDS:
-            Message.objects.filter(pk=self.reply.pk).update(content=relay.text)
+            Message.objects.filter(pk=self.reply.pk).update(content=relay.text, **self.unsaved())
             self._saved_at = time.monotonic()
-            wrote = True
-        if wrote and self.streaming:
-            db_release()
+            if self.streaming:
+                db_release()
+
+    def unsaved(self) -> dict:
+        """The first token's time, if no save has written it yet (once)."""
+        if not self._first_token_unsaved:
+            return {}
+        self._first_token_unsaved = False
+        return {"first_token_at": self.reply.first_token_at}
 
     def known(self) -> dict:
         """What the metrics need of the reply, as this run knows it."""
@@ -136,7 +143,8 @@ class _Run:
         """End the reply with the error, keeping the text already sent."""
         before = self.relay.take()
         self.hold.ended = message_fail(message_id=self.reply.pk, code=error_code(exc), detail=str(exc),
-                                       content=self.relay.text, before=before, known=self.known())
+                                       content=self.relay.text, before=before, known=self.known(),
+                                       **self.unsaved())
 
     def finish(self, outcome: Outcome) -> None:
         if self.superseded():
@@ -145,7 +153,7 @@ class _Run:
         self.hold.ended = message_finish(
             message_id=self.reply.pk, content=self.relay.text, finish_reason=outcome.finish_reason,
             prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens, before=before,
-            known=self.known())
+            known=self.known(), **self.unsaved())
 
 
 def reply_start(message_id: int, choice: ModelChoice | None = None) -> tuple[Message, ModelChoice] | None:
