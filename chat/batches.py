@@ -32,13 +32,16 @@ How lines run:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import threading
 import time
+from collections import deque
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 from redis.exceptions import LockError
@@ -66,6 +69,14 @@ ERRORS_LISTED = 1000
 #: While filling, the batch's status is read again after this many lines: a
 #: cancel stops the filling within this many lines, whatever the window.
 FILL_STATUS_EVERY = 8
+#: Lines of one pass queued at once (`_dispatch_all`). A line's queueing is
+#: a transaction (its Message) and then, after the commit, three or four
+#: Redis round trips (the dispatch ledger, the GPU scheduler's admission,
+#: the broker); in the CPU worker each round trip waits for a turn among
+#: the streams' greenlets, so one line after another, the pass, not the
+#: window, set the batch's pace. The transactions still run one at a time
+#: (`_TxnTurn`); the round trips after them overlap.
+FILL_CONCURRENCY = 4
 #: Lines validated or written to a result file between two yields: the CPU
 #: worker runs greenlets (gevent) on one thread, and a pass over a large
 #: file must not hold up the streams beside it (and their connect timeouts,
@@ -308,32 +319,102 @@ def _fill(batch: Batch) -> bool:
     in_flight = _in_flight(batch).count()
     room = settings.BATCH_MAX_IN_FLIGHT - in_flight
     busy = in_flight > 0
-    tried = 0
     while room > 0:
         lines = list(batch.lines.filter(state=BatchLine.State.PENDING).order_by("rank", "line")[:room])
         if not lines:
             break
-        for line in lines:
-            if _line_dispatch(batch, line):
-                room -= 1
-                busy = True
-            tried += 1
-            # A cancel stops the filling at once, not after the window.
-            if tried % FILL_STATUS_EVERY == 0 and not _in_progress(batch):
-                return busy
+        dispatched, cancelled = _dispatch_all(batch, lines)
+        room -= dispatched
+        busy = busy or dispatched > 0
+        if cancelled:
+            break
     return busy
 
 
-def _line_dispatch(batch: Batch, line: BatchLine) -> bool:
+def _dispatch_all(batch: Batch, lines: list[BatchLine]) -> tuple[int, bool]:
+    """Queue these lines, FILL_CONCURRENCY at a time: (how many were
+    queued, whether a cancel stopped it). The batch's status is read every
+    FILL_STATUS_EVERY lines: a cancel stops the filling at once, not after
+    the window."""
+    todo = deque(lines)
+    tried = itertools.count(1)
+    dispatched = []
+    stop = threading.Event()
+    # Inside a caller's transaction every line would commit with it: one at a time.
+    concurrent = FILL_CONCURRENCY > 1 and len(lines) > 1 and not connection.in_atomic_block
+    turn = _TxnTurn() if concurrent else None
+    errors: list[BaseException] = []
+
+    def work(own_connection: bool) -> None:
+        try:
+            while not stop.is_set() and not errors:
+                try:
+                    line = todo.popleft()
+                except IndexError:
+                    return
+                if _line_dispatch(batch, line, turn=turn):
+                    dispatched.append(line.pk)
+                if next(tried) % FILL_STATUS_EVERY == 0 and not _in_progress(batch):
+                    stop.set()
+        except BaseException as exc:  # re-raised by the pass, as a serial pass would
+            errors.append(exc)
+            stop.set()
+        finally:
+            if own_connection:  # a thread (a greenlet under gevent) of this pass: its own connection
+                connection.close()
+
+    if turn is None:
+        work(own_connection=False)
+    else:
+        helpers = [threading.Thread(target=work, args=(True,), name=f"batch-fill-{n}", daemon=True)
+                   for n in range(min(FILL_CONCURRENCY, len(lines)) - 1)]
+        for helper in helpers:
+            helper.start()
+        work(own_connection=False)
+        for helper in helpers:
+            helper.join()
+    if errors:
+        raise errors[0]
+    return len(dispatched), stop.is_set()
+
+
+class _TxnTurn:
+    """One line's transaction at a time among the helpers of a pass, held
+    from before its BEGIN to just after its COMMIT (the first on_commit
+    callback), so that the Redis round trips of the line's dispatch (the
+    callbacks after it) overlap with the next line's transaction.
+
+    SQLite lets one connection write at a time, and a transaction here
+    waits on Redis inside (the model's catalog entry): two of the pass's
+    own transactions would only make each other wait on the database's
+    lock instead of this one."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def hold(self):
+        self._lock.acquire()
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                self._lock.release()
+        return release
+
+
+def _line_dispatch(batch: Batch, line: BatchLine, *, turn: _TxnTurn | None = None) -> bool:
     """Queue the line's Message and mark the line dispatched with it, in one
     transaction: a crash leaves it pending, or dispatched with its Message,
     never half of it. The line is claimed by the same conditional update
     that links its Message: a line another advance took meanwhile (one whose
     lock expired) rolls this one's Message back, and its queueing with it
     (on_commit)."""
-    t0 = time.perf_counter()
+    release = turn.hold() if turn is not None else None
     try:
         with transaction.atomic():
+            if release is not None:
+                transaction.on_commit(release)  # first: before the line's own dispatch
             try:
                 request = chat_request_parse(line.body)
                 reply = completion_enqueue(user=batch.user, request=request, priority=settings.BATCH_PRIORITY,
@@ -346,19 +427,12 @@ def _line_dispatch(batch: Batch, line: BatchLine) -> bool:
             if not BatchLine.objects.filter(pk=line.pk, state=BatchLine.State.PENDING) \
                     .update(state=BatchLine.State.DISPATCHED, message=reply):
                 raise _Taken
-            t1 = time.perf_counter()
     except _Taken:
         return False
-    t2 = time.perf_counter()
-    _T.append((t1 - t0, t2 - t1))
-    if len(_T) >= 200:
-        a = sum(x for x, _ in _T) / len(_T); b = sum(y for _, y in _T) / len(_T)
-        log.warning("DISPATCH-TIMING txn %.1f ms, commit+on_commit %.1f ms per line", 1000 * a, 1000 * b)
-        _T.clear()
+    finally:
+        if release is not None:
+            release()  # rolled back (no callback ran), or already released: a no-op
     return True
-
-
-_T = []
 
 
 class _Taken(Exception):
