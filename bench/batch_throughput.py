@@ -11,6 +11,19 @@ Prints lines per second from submission to the output file, and the GPU
 switch events (owner changes, local and Ollama unloads) next to the fewest
 possible. --compare also runs the same file in arrival order (every line
 queued as it comes in the file), the floor that grouping by owner beats.
+
+Also printed: the lines in flight (a reply queued or running), sampled
+every 0.2 s, against the window (settings.BATCH_MAX_IN_FLIGHT, from the
+environment): a mean well under the window says the batch's own
+dispatching, not the window, set the pace.
+
+--probe MODEL[,MODEL] sends an interactive message (as the chat page does:
+no priority) to each model every --probe-every seconds while the batch
+runs, and three of each before it: their time from queued to finished,
+idle and during the batch, is what a batch's window costs the people
+chatting (the CPU worker's share for an external model; for local_demo,
+the wait for the GPU, which Ollama's leases of the lines in flight hold).
+--cpu-workers N starts N CPU worker processes instead of `make run`'s one.
 """
 from __future__ import annotations
 
@@ -38,6 +51,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2000)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, picked at random per line")
     parser.add_argument("--keep", action="store_true", help="keep the private var/ directory (logs, database)")
+    parser.add_argument("--probe", default="", help="comma-separated models to send interactive messages to")
+    parser.add_argument("--probe-every", type=float, default=2.0, help="seconds between two rounds of probes")
+    parser.add_argument("--cpu-workers", type=int, default=1, help="CPU worker processes (make run: 1)")
     args = parser.parse_args()
 
     from tests.stack import Stack
@@ -45,6 +61,13 @@ def main() -> None:
     stack = Stack()
     stack.start()  # sets REDIS_URL, CHAT_VAR_DIR, the fakes' URLs: before Django reads its settings
     stack.ollama.token_delay = stack.openai.token_delay = 0.0
+    for fake in (stack.ollama, stack.openai):
+        # The fakes listen with socketserver's backlog of 5: a window's worth
+        # of connections opened at once overflows it, and a dropped SYN is
+        # retried after 1 s, past the stack's 0.5 s connect timeout (the
+        # line fails with endpoint_unavailable). Ollama and OpenAI's servers
+        # queue thousands; on Linux a second listen() resizes the backlog.
+        fake._httpd.socket.listen(1024)
     workers = None
     try:
         import django
@@ -55,8 +78,15 @@ def main() -> None:
         call_command("migrate", verbosity=0)
         from tests.support.workers import Workers
 
-        workers = Workers(stack.var, f"sqlite:///{stack.var / 'db.sqlite3'}")
-        for name in ("gpu", "cpu"):
+        class _Workers(Workers):
+            """`cpu2`, `cpu3`…: more CPU workers, named apart (`make run` starts one)."""
+
+            def argv(self, name: str) -> list[str]:
+                argv = super().argv(name)
+                return [a.replace("cpu@test", f"{name}@test") for a in argv] if name.startswith("cpu") else argv
+
+        workers = _Workers(stack.var, f"sqlite:///{stack.var / 'db.sqlite3'}")
+        for name in ("gpu", "cpu", *(f"cpu{n}" for n in range(2, args.cpu_workers + 1))):
             workers.start(name)
         run(args)
     finally:
@@ -76,7 +106,7 @@ def run(args) -> None:
     from chat import batches
     from chat.catalog import catalog_forget, model_resolve
     from chat.management.commands.demo_model import demo_model_ensure
-    from chat.models import Batch, BatchStatus, ModelConfig
+    from chat.models import FINISHED_STATUSES, Batch, BatchLine, BatchStatus, ModelConfig
     from gpu_manager.state import GpuStateStore
 
     config = demo_model_ensure()
@@ -97,18 +127,27 @@ def run(args) -> None:
     print(f"{args.lines} lines ({mix}),"
           f" {alternations} model changes in file order; local_demo max_new_tokens={args.max_new_tokens}; "
           f"window {settings.BATCH_MAX_IN_FLIGHT} lines")
+    probes = Probes(user, [m for m in args.probe.split(",") if m])
+    probes.idle()
     for order in ([Batch.Order.ARRIVAL] if args.compare else []) + [Batch.Order.GROUPED]:
         fewest = len(owners) - (store.read().owner in owners)
         since = time.time()
         started = time.monotonic()
         batch = batches.batch_create(user=user, input_file_id=upload.pk, endpoint="/v1/chat/completions", order=order)
         # Redis keeps the last GPU_EVENTS_KEPT events: collect them as they come.
-        events = {}
+        events, in_flight = {}, []
+        next_probe = started + args.probe_every / 2
         while True:
             events.update({(e["at"], e["kind"]): e for e in store.events(settings.GPU_EVENTS_KEPT) if e["at"] >= since})
             batch = Batch.objects.get(pk=batch.pk)
             if batch.status in (BatchStatus.COMPLETED, BatchStatus.FAILED):
                 break
+            if batch.status == BatchStatus.IN_PROGRESS:
+                in_flight.append(BatchLine.objects.filter(batch=batch, state=BatchLine.State.DISPATCHED)
+                                 .exclude(message__status__in=FINISHED_STATUSES).count())
+                if probes.models and time.monotonic() >= next_probe:
+                    probes.send("batch")
+                    next_probe = time.monotonic() + args.probe_every
             time.sleep(0.2)
         seconds = time.monotonic() - started
         counts = batches.batch_counts(batch)
@@ -120,6 +159,60 @@ def run(args) -> None:
         if batch.error_file_id:
             codes = Counter(_error_code(json.loads(line)) for line in batch.error_file.content.splitlines())
             print(f"          failed lines by error: {dict(codes)}")
+        if in_flight:
+            print(f"          lines in flight: mean {sum(in_flight) / len(in_flight):.1f}, most {max(in_flight)} "
+                  f"(window {settings.BATCH_MAX_IN_FLIGHT}; {len(in_flight)} samples)")
+    probes.report()
+
+
+class Probes:
+    """Interactive messages beside the batch: queued as the chat page
+    queues them (`message_enqueue`, no priority), timed from the reply's
+    queued_at to its finished_at (both written by the stack)."""
+
+    def __init__(self, user, models: list[str]):
+        self.user, self.models = user, models
+        self.sent: list[tuple[str, str, int]] = []  # (phase, model, reply id)
+
+    def send(self, phase: str) -> None:
+        from chat.services import message_enqueue
+
+        for model in self.models:
+            reply = message_enqueue(user=self.user, model=model, content=f"probe {len(self.sent)}",
+                                    conversation_id=None)
+            self.sent.append((phase, model, reply.pk))
+
+    def idle(self) -> None:
+        """Three rounds before the batch, one at a time: the latency without it."""
+        for _ in range(3 if self.models else 0):
+            self.send("idle")
+            self._wait([pk for _, _, pk in self.sent[-len(self.models):]])
+
+    def _wait(self, ids: list[int], timeout: float = 120.0) -> None:
+        from chat.models import FINISHED_STATUSES, Message
+
+        deadline = time.monotonic() + timeout
+        while Message.objects.filter(pk__in=ids).exclude(status__in=FINISHED_STATUSES).exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+    def report(self) -> None:
+        from chat.models import Message
+
+        if not self.sent:
+            return
+        self._wait([pk for _, _, pk in self.sent])
+        replies = {m.pk: m for m in Message.objects.filter(pk__in=[pk for _, _, pk in self.sent])}
+        for model in self.models:
+            for phase in ("idle", "batch"):
+                seconds = sorted((replies[pk].finished_at - replies[pk].queued_at).total_seconds()
+                                 for p, m, pk in self.sent if p == phase and m == model and replies[pk].finished_at)
+                statuses = Counter(replies[pk].status for p, m, pk in self.sent if p == phase and m == model)
+                if seconds:
+                    print(f"probe {model:20} {phase:5}: {len(seconds)} replies, median "
+                          f"{1000 * seconds[len(seconds) // 2]:.0f} ms, max {1000 * seconds[-1]:.0f} ms "
+                          f"({dict(statuses)})")
 
 
 def _error_code(result: dict) -> str:

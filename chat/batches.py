@@ -32,16 +32,14 @@ How lines run:
 """
 from __future__ import annotations
 
-import itertools
+import functools
 import json
 import logging
-import threading
 import time
-from collections import deque
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 from redis.exceptions import LockError
@@ -69,14 +67,6 @@ ERRORS_LISTED = 1000
 #: While filling, the batch's status is read again after this many lines: a
 #: cancel stops the filling within this many lines, whatever the window.
 FILL_STATUS_EVERY = 8
-#: Lines of one pass queued at once (`_dispatch_all`). A line's queueing is
-#: a transaction (its Message) and then, after the commit, three or four
-#: Redis round trips (the dispatch ledger, the GPU scheduler's admission,
-#: the broker); in the CPU worker each round trip waits for a turn among
-#: the streams' greenlets, so one line after another, the pass, not the
-#: window, set the batch's pace. The transactions still run one at a time
-#: (`_TxnTurn`); the round trips after them overlap.
-FILL_CONCURRENCY = 4
 #: Lines validated or written to a result file between two yields: the CPU
 #: worker runs greenlets (gevent) on one thread, and a pass over a large
 #: file must not hold up the streams beside it (and their connect timeouts,
@@ -207,28 +197,49 @@ def _ts(moment) -> int | None:
 
 # --- moving a batch on ------------------------------------------------------
 
-def _queued_key(batch_id: str) -> str:
-    return f"batch:queued:{batch_id}"
+def _keys(batch_id: str) -> tuple[str, str, str]:
+    """The batch's change mark, advance lock and queued flag."""
+    return f"batch:changed:{batch_id}", f"batch:lock:{batch_id}", f"batch:queued:{batch_id}"
+
+
+#: Mark the batch changed; queue an advance only when none runs (it will
+#: see the mark: `batch_advance`) and none is queued and not started (it
+#: will read the database after this change). One script, so that the
+#: advance running cannot release its lock between the mark and the look.
+#: KEYS: mark, lock, queued; ARGV: the mark's and the flag's TTLs.
+_MARK_SCRIPT = """
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _mark_script():
+    return redis_client().register_script(_MARK_SCRIPT)
 
 
 def batch_advance_queue(*, batch_id: str, countdown: float | None = None) -> None:
-    """Queue an advance of the batch (at once, or after `countdown` seconds:
-    the watchdog).
+    """Have the batch advanced: at once (a line ended, a cancel, a new
+    batch), or after `countdown` seconds (the watchdog: always a task).
 
-    An immediate one is queued only when none is waiting to start: a line's
-    end commits before this is called, and the waiting task reads the
-    database after it starts, so it sees that end too (`batch_advance`
-    clears the key as it starts, before it reads anything). The key
-    expires, so a task the broker lost costs a watchdog period at most."""
+    At once costs one Redis script, and a task only when needed: while an
+    advance runs, the change mark is enough (it looks again before it
+    leaves), and while one is queued and has not started, that one will
+    see the change. A line's end commits before this is called. The queued
+    flag expires, so a task the broker lost costs a watchdog period at most."""
     if countdown is None:
-        if not redis_client().set(_queued_key(batch_id), "1", nx=True, ex=int(settings.BATCH_WATCHDOG_SECONDS)):
+        mark, lock, queued = _keys(batch_id)
+        if not _mark_script()(keys=[mark, lock, queued],
+                              args=[settings.BATCH_LOCK_SECONDS, int(settings.BATCH_WATCHDOG_SECONDS)]):
             return
     try:
         app.signature(queues.CPU_BATCH_ADVANCE, args=(batch_id,), priority=settings.BATCH_PRIORITY,
                       countdown=countdown).apply_async()
     except Exception:
-        if countdown is None:  # none is queued after all: the next caller must try
-            redis_client().delete(_queued_key(batch_id))
+        if countdown is None:  # none is queued after all: the next caller must try again
+            redis_client().delete(_keys(batch_id)[2])
         raise
 
 
@@ -243,29 +254,39 @@ def batch_advance(*, batch_id: str) -> None:
     Safe to run any number of times, concurrently and after a crash.
 
     One advance per batch runs at a time (two could both see room for a
-    line and overfill the window). A call that finds another running marks
-    the batch and leaves: the one running looks again while the mark is
-    there, so a burst of line ends costs one pass, not one wait each, and
-    no CPU worker thread waits on a lock. The lock expires, so a worker that
-    dies holding it does not stop the batch (the watchdog comes back).
+    line and overfill the window). A change while one runs only marks the
+    batch (`batch_advance_queue`); the one running looks again while the
+    mark is there, so a burst of line ends costs one pass, not one task
+    each, and no CPU worker greenlet waits on a lock. The lock expires, so a
+    worker that dies holding it does not stop the batch (the watchdog comes
+    back); a long run renews it every pass, and hands over to a new task
+    after half its TTL (a task is not meant to run for a whole batch).
     """
     r = redis_client()
-    mark = f"batch:changed:{batch_id}"
-    # The queued key first: a change after this point queues a new task
-    # (batch_advance_queue). One round trip for both.
-    r.pipeline(transaction=False).delete(_queued_key(batch_id)) \
-        .set(mark, "1", ex=settings.BATCH_LOCK_SECONDS).execute()
-    lock = r.lock(f"batch:lock:{batch_id}", timeout=settings.BATCH_LOCK_SECONDS)
+    mark, lock_key, queued = _keys(batch_id)
+    # The queued flag first: a change from here on queues a new task unless
+    # this one is running by then. One round trip for both.
+    r.pipeline(transaction=False).delete(queued).set(mark, "1", ex=settings.BATCH_LOCK_SECONDS).execute()
+    lock = r.lock(lock_key, timeout=settings.BATCH_LOCK_SECONDS)
+    started = time.monotonic()
     while lock.acquire(blocking=False):
+        handover = False
         try:
             while r.delete(mark):
                 _advance(batch_id)
+                if time.monotonic() - started > settings.BATCH_LOCK_SECONDS / 2:
+                    handover = True
+                    break
+                lock.reacquire()  # a full TTL again; LockError if another took it over
         finally:
             try:
                 lock.release()
             except LockError:  # it expired meanwhile: nothing to release
                 log.warning("batch %s: an advance outlived its lock", batch_id)
-        # A mark set after the last look, by a call that found the lock
+        if handover:
+            batch_advance_queue(batch_id=batch_id)  # the lock is free: marks and queues
+            return
+        # A mark set after the last look, by a change that found the lock
         # still held, is this call's to handle.
         if not r.exists(mark):
             return
@@ -291,10 +312,21 @@ def _advance(batch_id: str) -> None:
         _watchdog_arm(batch_id)
 
 
+#: Batch id -> when this process last armed the batch's watchdog (time.monotonic()).
+_armed: dict[str, float] = {}
+
+
 def _watchdog_arm(batch_id: str) -> None:
     # One pending watchdog per batch and interval: every pass arms it, the
-    # key makes all but the first a no-op.
+    # key makes all but the first a no-op, and within half an interval of
+    # this process's own arming the key is surely there: no round trip.
+    now = time.monotonic()
+    if now - _armed.get(batch_id, -settings.BATCH_WATCHDOG_SECONDS) < settings.BATCH_WATCHDOG_SECONDS / 2:
+        return
     if redis_client().set(f"batch:watchdog:{batch_id}", "1", nx=True, ex=int(settings.BATCH_WATCHDOG_SECONDS)):
+        if len(_armed) > 1000:
+            _armed.clear()
+        _armed[batch_id] = now
         batch_advance_queue(batch_id=batch_id, countdown=settings.BATCH_WATCHDOG_SECONDS)
 
 
@@ -319,102 +351,31 @@ def _fill(batch: Batch) -> bool:
     in_flight = _in_flight(batch).count()
     room = settings.BATCH_MAX_IN_FLIGHT - in_flight
     busy = in_flight > 0
+    tried = 0
     while room > 0:
         lines = list(batch.lines.filter(state=BatchLine.State.PENDING).order_by("rank", "line")[:room])
         if not lines:
             break
-        dispatched, cancelled = _dispatch_all(batch, lines)
-        room -= dispatched
-        busy = busy or dispatched > 0
-        if cancelled:
-            break
+        for line in lines:
+            if _line_dispatch(batch, line):
+                room -= 1
+                busy = True
+            tried += 1
+            # A cancel stops the filling at once, not after the window.
+            if tried % FILL_STATUS_EVERY == 0 and not _in_progress(batch):
+                return busy
     return busy
 
 
-def _dispatch_all(batch: Batch, lines: list[BatchLine]) -> tuple[int, bool]:
-    """Queue these lines, FILL_CONCURRENCY at a time: (how many were
-    queued, whether a cancel stopped it). The batch's status is read every
-    FILL_STATUS_EVERY lines: a cancel stops the filling at once, not after
-    the window."""
-    todo = deque(lines)
-    tried = itertools.count(1)
-    dispatched = []
-    stop = threading.Event()
-    # Inside a caller's transaction every line would commit with it: one at a time.
-    concurrent = FILL_CONCURRENCY > 1 and len(lines) > 1 and not connection.in_atomic_block
-    turn = _TxnTurn() if concurrent else None
-    errors: list[BaseException] = []
-
-    def work(own_connection: bool) -> None:
-        try:
-            while not stop.is_set() and not errors:
-                try:
-                    line = todo.popleft()
-                except IndexError:
-                    return
-                if _line_dispatch(batch, line, turn=turn):
-                    dispatched.append(line.pk)
-                if next(tried) % FILL_STATUS_EVERY == 0 and not _in_progress(batch):
-                    stop.set()
-        except BaseException as exc:  # re-raised by the pass, as a serial pass would
-            errors.append(exc)
-            stop.set()
-        finally:
-            if own_connection:  # a thread (a greenlet under gevent) of this pass: its own connection
-                connection.close()
-
-    if turn is None:
-        work(own_connection=False)
-    else:
-        helpers = [threading.Thread(target=work, args=(True,), name=f"batch-fill-{n}", daemon=True)
-                   for n in range(min(FILL_CONCURRENCY, len(lines)) - 1)]
-        for helper in helpers:
-            helper.start()
-        work(own_connection=False)
-        for helper in helpers:
-            helper.join()
-    if errors:
-        raise errors[0]
-    return len(dispatched), stop.is_set()
-
-
-class _TxnTurn:
-    """One line's transaction at a time among the helpers of a pass, held
-    from before its BEGIN to just after its COMMIT (the first on_commit
-    callback), so that the Redis round trips of the line's dispatch (the
-    callbacks after it) overlap with the next line's transaction.
-
-    SQLite lets one connection write at a time, and a transaction here
-    waits on Redis inside (the model's catalog entry): two of the pass's
-    own transactions would only make each other wait on the database's
-    lock instead of this one."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-
-    def hold(self):
-        self._lock.acquire()
-        held = [True]
-
-        def release() -> None:
-            if held[0]:
-                held[0] = False
-                self._lock.release()
-        return release
-
-
-def _line_dispatch(batch: Batch, line: BatchLine, *, turn: _TxnTurn | None = None) -> bool:
+def _line_dispatch(batch: Batch, line: BatchLine) -> bool:
     """Queue the line's Message and mark the line dispatched with it, in one
     transaction: a crash leaves it pending, or dispatched with its Message,
     never half of it. The line is claimed by the same conditional update
     that links its Message: a line another advance took meanwhile (one whose
     lock expired) rolls this one's Message back, and its queueing with it
     (on_commit)."""
-    release = turn.hold() if turn is not None else None
     try:
         with transaction.atomic():
-            if release is not None:
-                transaction.on_commit(release)  # first: before the line's own dispatch
             try:
                 request = chat_request_parse(line.body)
                 reply = completion_enqueue(user=batch.user, request=request, priority=settings.BATCH_PRIORITY,
@@ -429,9 +390,6 @@ def _line_dispatch(batch: Batch, line: BatchLine, *, turn: _TxnTurn | None = Non
                 raise _Taken
     except _Taken:
         return False
-    finally:
-        if release is not None:
-            release()  # rolled back (no callback ran), or already released: a no-op
     return True
 
 

@@ -15,7 +15,8 @@ spent here, in time.sleep, which gevent turns into a yield: the lock holder
 runs, commits, and the waiter's retry goes through. A statement that failed
 with SQLITE_BUSY did nothing, so running it again is safe; in WAL mode with
 IMMEDIATE transactions (settings), only the statement that takes the write
-lock (BEGIN IMMEDIATE, or an autocommit write) can fail so.
+lock (BEGIN IMMEDIATE, or an autocommit write), the commit, and the
+pragmas a new connection runs can fail so.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from django.db.backends.sqlite3 import base
 #: Seconds SQLite's own busy handler may block before we take over.
 BUSY_SLICE = 0.005
 #: Our pause between tries: doubled from the first to the last.
-PAUSE_FIRST, PAUSE_LAST = 0.001, 0.05
+PAUSE_FIRST, PAUSE_LAST = 0.0005, 0.005
 
 
 def _busy(exc: Exception) -> bool:
@@ -64,6 +65,12 @@ class DatabaseWrapper(base.DatabaseWrapper):
         self._busy_timeout = float(params.get("timeout", 5.0))
         params["timeout"] = BUSY_SLICE
         return params
+
+    def get_new_connection(self, conn_params):
+        # Opening runs the init pragmas (journal_mode=WAL), which need the
+        # lock for a moment too.
+        return _retried(lambda: super(DatabaseWrapper, self).get_new_connection(conn_params),
+                        self._busy_timeout)
 
     def create_cursor(self, name=None):
         cursor = self.connection.cursor(factory=CursorWrapper)
