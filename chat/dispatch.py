@@ -358,13 +358,25 @@ def message_fail(*, message_id: int, code: str, detail: str, content: str | None
     return ended
 
 
-def _end(message_id: int, *, known: dict | None = None, **fields) -> bool:
+def message_cancel_queued(message_id: int) -> bool:
+    """End a reply that no run has started, as cancelled, at once: False
+    when a run started it first (then the cancel flag stops it). A run
+    that claims it afterwards finds it ended (`workers/replies.py
+    reply_start`)."""
+    ended = _end(message_id, queued_only=True, status=MessageStatus.CANCELLED, content="",
+                 finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)
+    if ended:
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        group_send(message_group(message_id),
+                   {"type": "chat.done", "message": message_id, "finish_reason": "cancelled", "usage": usage})
+    return ended
+
+
+def _end(message_id: int, *, known: dict | None = None, queued_only: bool = False, **fields) -> bool:
     finished_at = timezone.now()
-    updated = (
-        Message.objects.filter(pk=message_id)
-        .exclude(status__in=FINISHED_STATUSES)
-        .update(finished_at=finished_at, **fields)
-    )
+    rows = Message.objects.filter(pk=message_id)
+    rows = rows.filter(status=MessageStatus.QUEUED) if queued_only else rows.exclude(status__in=FINISHED_STATUSES)
+    updated = rows.update(finished_at=finished_at, **fields)
     if updated == 1:
         dispatch_forget(message_id)
         if known is None:

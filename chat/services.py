@@ -11,7 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.catalog import CatalogError, model_resolve
-from chat.dispatch import cancel_request, message_dispatch
+from chat.dispatch import cancel_request, message_cancel_queued, message_dispatch
 from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus
 from chat.ratelimit import RateLimited, message_rate_check
 from chatsite.errors import CodedError
@@ -86,14 +86,17 @@ def message_enqueue(
 
 
 def message_cancel(*, user, message_id: int) -> None:
-    """Ask a reply to stop. A solo GPU worker cannot be interrupted, so this
-    is a flag that the generation loop (and a task not yet started) checks."""
+    """Stop a reply: one that no run has started ends at once (cancelled);
+    a running one is flagged, and its generation loop checks the flag (a
+    solo GPU worker cannot be interrupted)."""
     reply = Message.objects.filter(pk=message_id, conversation__user=user, role=Message.Role.ASSISTANT).first()
     if reply is None:
         raise ChatInputError("unknown_message", f"No message {message_id} of yours.")
     if reply.is_finished:
         raise ChatInputError("already_finished", f"Message {message_id} has already finished.")
-    cancel_request(message_id)
+    cancel_request(message_id)  # first: a run may start it while this ends it
+    if reply.status == MessageStatus.QUEUED:
+        message_cancel_queued(message_id)
 
 
 def messages_unfinished(*, user) -> list[int]:

@@ -157,3 +157,28 @@ def test_cancel_refuses_what_is_not_the_users_or_has_ended_and_flags_the_rest(al
     finally:
         # Message ids come back after a rolled-back test: leave no flag for a later one.
         redis_client().delete(*(cancel_key(m.pk) for m in (their_reply, question, ended, running)))
+
+
+def test_cancel_ends_a_reply_no_run_has_started_at_once(alice, local_model):
+    """A queued reply is ended by the cancel itself (cancelled, its end sent
+    once); a running one only gets the flag its generation loop reads."""
+    from workers.replies import reply_start
+
+    mine = Conversation.objects.create(user=alice, title="mine")
+    queued = Message.objects.create(conversation=mine, role="assistant", model_name=MODEL, status="queued")
+    running = Message.objects.create(conversation=mine, role="assistant", model_name=MODEL, status="running")
+    try:
+        message_cancel(user=alice, message_id=queued.pk)
+        message_cancel(user=alice, message_id=running.pk)
+        queued.refresh_from_db()
+        running.refresh_from_db()
+        assert queued.status == MessageStatus.CANCELLED and queued.finish_reason == "cancelled"
+        assert queued.finished_at is not None
+        assert running.status == MessageStatus.RUNNING and cancel_requested(running.pk)
+        # A run that claims the cancelled reply afterwards does nothing.
+        assert reply_start(queued.pk) is None
+        with pytest.raises(ChatInputError) as caught:
+            message_cancel(user=alice, message_id=queued.pk)
+        assert caught.value.code == "already_finished"
+    finally:
+        redis_client().delete(cancel_key(queued.pk), cancel_key(running.pk))

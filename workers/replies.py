@@ -159,22 +159,25 @@ class _Run:
 def reply_start(message_id: int, choice: ModelChoice | None = None) -> tuple[Message, ModelChoice] | None:
     """The reply and its model (`choice`, when the sender resolved it and
     it is the reply's), marked running; None when there is nothing to do
-    (already ended, or cancelled while it waited). The caller holds the
+    (already ended, or cancelled while it waited: a queued reply is ended
+    by the cancel itself, so a fresh run reads no cancel flag here). The caller holds the
     reply's claim: read after taking it, the reply cannot end between this
     check and the generation (but for a cancel)."""
     reply = Message.objects.select_related("conversation").filter(pk=message_id).first()
     if reply is None or reply.is_finished:
         return None
-    if cancel_requested(message_id):
-        message_finish(message_id=message_id, content="", finish_reason="cancelled", prompt_tokens=0,
-                       completion_tokens=0)
-        return None
     if choice is None or choice.name != reply.model_name:
         choice = model_resolve(reply.model_name)
     if reply.status == MessageStatus.QUEUED:
         reply.status, reply.started_at = MessageStatus.RUNNING, timezone.now()
-        Message.objects.filter(pk=message_id, status=MessageStatus.QUEUED).update(
-            status=reply.status, started_at=reply.started_at)
+        if not Message.objects.filter(pk=message_id, status=MessageStatus.QUEUED).update(
+                status=reply.status, started_at=reply.started_at):
+            return None  # cancelled while it waited (chat/dispatch.py message_cancel_queued)
+    elif cancel_requested(message_id):
+        # Started by an earlier run (now gone) and cancelled since.
+        message_finish(message_id=message_id, content="", finish_reason="cancelled", prompt_tokens=0,
+                       completion_tokens=0)
+        return None
     return reply, choice
 
 
