@@ -1,7 +1,8 @@
 """batch: lines per second of a 2,000-line external batch, and GPU switches
 of a mixed batch against the count in arrival order (issue 6, item 4).
 
-    .venv/bin/python bench/batch.py [--lines 2000] [--mixed-lines 30]
+    .venv/bin/python bench/batch.py [--lines 2000] [--mixed-lines 30] [--window N] [--cpu-workers N]
+                                    [--probe MODEL[,MODEL]]
 
 The batch itself is measured by bench/batch_throughput.py (written with the
 batch API; it starts its own stack and runs the lines through the batch
@@ -14,6 +15,15 @@ its summary lines:
 - mixed: `--mixed-lines` lines that also use local_demo, run in arrival
   order and grouped by GPU owner (`--compare`): the GPU switches of each.
 
+The external run also reports the lines in flight (sampled against the
+window: a mean far below it says the batch's dispatching, not the window,
+set the pace). `--window` runs it with BATCH_MAX_IN_FLIGHT=N (the floor
+then uses as many at once), `--cpu-workers` with more CPU worker processes
+than `make run`'s one, and `--probe` sends interactive messages to those
+models during the external batch and before it (their latency, idle and
+during the batch: what the window costs the people chatting; local_demo
+probes also switch the GPU away from Ollama, so they slow the batch).
+
 Where bench/batch_throughput.py is missing or fails, the result says
 "not available" and why.
 """
@@ -22,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import asyncio
+import os
 import random
 import re
 import subprocess
@@ -45,19 +56,34 @@ _HEADER = re.compile(r"^(?P<lines>\d+) lines \((?P<mix>[^)]*)\), (?P<changes>\d+
 _RUN = re.compile(r"^(?P<order>\w+)\s*: (?P<status>\w+), (?P<completed>\d+) completed, (?P<failed>\d+) failed in "
                   r"(?P<seconds>[\d.]+) s = (?P<lps>[\d.]+) lines/s; switches (?P<switches>\{[^}]*\}) "
                   r"\(fewest owner changes possible: (?P<fewest>\d+)\)")
+_IN_FLIGHT = re.compile(r"^lines in flight: mean (?P<mean>[\d.]+), most (?P<most>\d+)")
+_PROBE = re.compile(r"^probe (?P<model>\S+)\s+(?P<phase>\w+)\s*: (?P<n>\d+) replies, median (?P<median>\d+) ms, "
+                    r"max (?P<max>\d+) ms \((?P<statuses>\{[^}]*\})\)")
 
 
-def run_script(argv: list[str]) -> dict:
-    """Run batch_throughput.py; its header and one summary per order."""
+def run_script(argv: list[str], env: dict | None = None) -> dict:
+    """Run batch_throughput.py; its header and one summary per order (with
+    the lines in flight of each), and the probes' latencies."""
     started = time.monotonic()
     proc = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    out = {"argv": argv, "seconds": time.monotonic() - started, "runs": {}}
+                          timeout=TIMEOUT, env={**os.environ, **(env or {})})
+    out = {"argv": argv, "env": env or {}, "seconds": time.monotonic() - started, "runs": {}, "probes": []}
+    order = None
     for line in proc.stdout.splitlines():
+        if m := _IN_FLIGHT.match(line.strip()):
+            if order is not None:
+                out["runs"][order]["in_flight"] = {"mean": float(m["mean"]), "most": int(m["most"])}
+            continue
+        if m := _PROBE.match(line.strip()):
+            out["probes"].append({"model": m["model"], "phase": m["phase"], "replies": int(m["n"]),
+                                  "median_ms": int(m["median"]), "max_ms": int(m["max"]),
+                                  "statuses": ast.literal_eval(m["statuses"])})
+            continue
         if m := _HEADER.match(line):
             out["header"] = {**m.groupdict(), "window": int(m["window"]), "changes": int(m["changes"])}
         elif m := _RUN.match(line.strip()):
             run = m.groupdict()
+            order = run["order"]
             out["runs"][run["order"]] = {
                 "status": run["status"], "completed": int(run["completed"]), "failed": int(run["failed"]),
                 "seconds": float(run["seconds"]), "lines_per_second": float(run["lps"]),
@@ -100,6 +126,12 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=2000)
     parser.add_argument("--mixed-lines", type=int, default=30,
                         help="in arrival order every model change is a GPU switch: seconds each on 2 cores")
+    parser.add_argument("--window", type=int, default=None,
+                        help="BATCH_MAX_IN_FLIGHT for the external batch (default: the settings')")
+    parser.add_argument("--cpu-workers", type=int, default=1, help="CPU worker processes (make run: 1)")
+    parser.add_argument("--probe", default="",
+                        help="models to send interactive messages to during the external batch, e.g. "
+                             "openai_gpt-4o-mini,local_demo")
     args = parser.parse_args()
     mark("batch")
     figures: dict = {"params": vars(args)}
@@ -111,7 +143,9 @@ def main() -> None:
     else:
         figures["available"] = True
         try:
-            external = run_script(["--lines", str(args.lines), "--models", ",".join(EXTERNAL)])
+            extra = ["--cpu-workers", str(args.cpu_workers)] + (["--probe", args.probe] if args.probe else [])
+            external = run_script(["--lines", str(args.lines), "--models", ",".join(EXTERNAL), *extra],
+                                  env={"BATCH_MAX_IN_FLIGHT": str(args.window)} if args.window else None)
             from bench.stack import Fakes
 
             with tempfile.TemporaryDirectory(prefix="chat-bench-batch-") as var:
@@ -129,6 +163,12 @@ def main() -> None:
                  f"{grouped['lines_per_second'] / floor_run['lines_per_second']:.2f}x"],
                 ["", "completed / failed", f"{grouped['completed']} / {grouped['failed']}", "", ""],
             ]
+            if "in_flight" in grouped:
+                rows.append(["", "lines in flight: mean / most", f"{grouped['in_flight']['mean']:.1f} / "
+                             f"{grouped['in_flight']['most']}", f"window {external['header']['window']}", ""])
+            for probe in external["probes"]:
+                rows.append(["", f"interactive {probe['model']}, {probe['phase']}", f"{probe['median_ms']} ms",
+                             "", f"max {probe['max_ms']} ms, {probe['replies']} replies {probe['statuses']}"])
         except (RuntimeError, subprocess.TimeoutExpired, KeyError) as exc:
             figures["external"] = {"error": str(exc)}
             rows.append(["external batch", "lines/s", "not available", "", str(exc)[:120]])

@@ -22,9 +22,19 @@ How lines run:
   batch's lines ends (a task_postrun hook in workers/lifecycle.py), after a
   cancel, and from a watchdog while the batch runs (a reply can also end
   outside a task, when a worker's death is noticed). It is idempotent and
-  serialized per batch, and its tasks coalesce: while one is queued and has
-  not started, a line's end queues no other (`batch_advance_queue`), so a
-  batch costs a task per pass of its advance, not one per line.
+  serialized per batch, and it is asked for cheaply: while an advance runs,
+  a line's end only marks the batch (the running one passes again), and
+  while one is queued and has not started, nothing (`batch_advance_queue`).
+  A 2,000-line batch costs a handful of advance tasks, not one per line.
+- Lines are given their Messages one at a time, each in a transaction of
+  its own (`_line_dispatch`), by the one advance running: in the CPU
+  worker's gevent pool each Redis round trip of a dispatch waits for a turn
+  among the streams, so that pass, not the window, sets a batch's pace
+  (bench/batch_throughput.py prints the lines in flight against the
+  window). Dispatching several at once was measured slower on SQLite: a
+  dispatch's transaction waits on Redis inside (the model's catalog entry,
+  chat/catalog.py) while holding the database's one write lock, and the
+  streams' writes then wait for it.
 - The output and error files are written once, from the lines' and their
   Messages' terminal states, in the transaction that ends the batch. A
   Message ends once (`message_finish`/`message_fail`), so each line appears
@@ -71,7 +81,7 @@ FILL_STATUS_EVERY = 8
 #: worker runs greenlets (gevent) on one thread, and a pass over a large
 #: file must not hold up the streams beside it (and their connect timeouts,
 #: lease renewals and interactive replies) for the whole pass.
-YIELD_EVERY = 200
+YIELD_EVERY = 100
 
 
 # --- files ------------------------------------------------------------------

@@ -8,6 +8,7 @@ loop and cooperates with gevent's sockets.
 from __future__ import annotations
 
 import time
+import weakref
 
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -59,6 +60,9 @@ class DeltaRelay:
     other frame for the same message.
     """
 
+    #: The relays of this process still in use (a CPU worker's streams).
+    _open: "weakref.WeakSet[DeltaRelay]" = weakref.WeakSet()
+
     def __init__(self, message_id: int, *, on_flush=None):
         self.message_id = message_id
         self.group = message_group(message_id)
@@ -67,13 +71,23 @@ class DeltaRelay:
         self._buffer: list[str] = []
         self._last_flush = 0.0
         self._on_flush = on_flush
-        self._interval = settings.CHAT_DELTA_FLUSH_SECONDS
+        DeltaRelay._open.add(self)
+
+    @staticmethod
+    def interval() -> float:
+        """Seconds between two flushes of one stream: CHAT_DELTA_FLUSH_SECONDS,
+        stretched so that all the streams of this process together send at
+        most CHAT_FRAMES_PER_SECOND frames (hundreds of streams, each a
+        frame per token, would flood the channel layer and the sockets'
+        web process: docs/BENCHMARKS.md, "Concurrent streams"). The text is
+        the same; it comes in fewer, larger pieces."""
+        return max(settings.CHAT_DELTA_FLUSH_SECONDS, len(DeltaRelay._open) / settings.CHAT_FRAMES_PER_SECOND)
 
     def push(self, text: str) -> None:
         if not text:
             return
         self._buffer.append(text)
-        if time.monotonic() - self._last_flush >= self._interval:
+        if time.monotonic() - self._last_flush >= self.interval():
             self.flush()
 
     def take(self) -> list[dict]:

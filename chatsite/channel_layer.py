@@ -26,6 +26,8 @@ import time
 
 import redis
 from channels_redis import core
+
+from chatsite.redis_client import blocking_pool
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -173,9 +175,10 @@ class BlockingSender:
         host = dict(layer.hosts[0])
         address = host.pop("address")
         host.pop("retry", None)  # an asyncio Retry; the blocking one is below
+        host.pop("max_connections", None)  # the blocking pool's own (REDIS_POOL_MAX)
         self.layer = layer
-        self.client = redis.Redis.from_url(
-            address, **host, retry=Retry(NoBackoff(), 1), retry_on_error=[redis.ConnectionError])
+        self.client = redis.Redis(connection_pool=blocking_pool(
+            address, **host, retry=Retry(NoBackoff(), 1), retry_on_error=[redis.ConnectionError]))
         self.script = self.client.register_script(self.SCRIPT)
 
     def add(self, group: str, channel: str) -> None:

@@ -151,11 +151,19 @@ WHITENOISE_USE_FINDERS = True
 
 REDIS_URL = os.environ.get("REDIS_URL") or private_redis_url()
 
+#: Connections of each Redis pool of the project's (chatsite/redis_client.py)
+#: and of the cache; a command that finds all in use waits up to
+#: REDIS_POOL_TIMEOUT seconds for one (redis-py's default pool would fail
+#: with "Too many connections" past 100: the CPU worker's greenlets).
+REDIS_POOL_MAX = int(os.environ.get("REDIS_POOL_MAX", 100))
+REDIS_POOL_TIMEOUT = float(os.environ.get("REDIS_POOL_TIMEOUT", 20.0))
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "cache",
+        "OPTIONS": {"pool_class": "redis.BlockingConnectionPool", "max_connections": REDIS_POOL_MAX,
+                    "timeout": REDIS_POOL_TIMEOUT},
     }
 }
 
@@ -175,6 +183,10 @@ CHANNEL_LAYERS = {
                 # read timeout well above the blocking pop keeps idle sockets
                 # alive while a dead Redis is still noticed.
                 "socket_timeout": 30,
+                # redis-py's asyncio pool fails past its cap (100 by
+                # default) instead of waiting; a web process with hundreds
+                # of sockets can have that many commands in flight.
+                "max_connections": 1000,
                 # After a Redis restart the pool still holds connections the
                 # old server closed, and hands them out unchecked: the first
                 # command on each fails with "Connection closed by server"
@@ -187,9 +199,12 @@ CHANNEL_LAYERS = {
                 "retry": AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             }],
             # group_send drops silently when a channel holds `capacity`
-            # messages (channels_redis spec; #131). Deltas are coalesced to
-            # ~25/s, so 1000 is 40 s of backlog for a stalled socket.
-            "capacity": 1000,
+            # messages (channels_redis spec; #131). The sockets of one web
+            # process share one Redis key (channels_redis's process-specific
+            # channels), so the capacity is that whole process's backlog:
+            # 500 streams at CHAT_FRAMES_PER_SECOND is 2,000 frames a second
+            # into it, and 20,000 is 10 s of backlog (a few MB at most).
+            "capacity": 20000,
             "expiry": 60,
         },
     }
@@ -355,6 +370,11 @@ CHAT_MAX_CONTENT_CHARS = int(os.environ.get("CHAT_MAX_CONTENT_CHARS", 32_000))
 #: docs/BENCHMARKS.md has the streaming figures), so one per token would cost more
 #: than a tiny model's token; 40 ms still reads as smooth streaming.
 CHAT_DELTA_FLUSH_SECONDS = 0.04
+#: At most this many `chat.delta` frames a second from one worker process,
+#: all its streams together: past CHAT_FRAMES_PER_SECOND *
+#: CHAT_DELTA_FLUSH_SECONDS streams (80), each stream's flushes are spaced
+#: further apart (chat/relay.py DeltaRelay.interval; 500 streams: 0.25 s).
+CHAT_FRAMES_PER_SECOND = float(os.environ.get("CHAT_FRAMES_PER_SECOND", 2000))
 #: Each process writes its metrics to Redis at most this often (seconds),
 #: added up (chat/metrics.py): a scrape sees a reply at most this late.
 METRICS_FLUSH_SECONDS = float(os.environ.get("METRICS_FLUSH_SECONDS", 1.0))

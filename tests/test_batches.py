@@ -6,6 +6,7 @@ import json
 import random
 import signal
 import time
+from types import SimpleNamespace
 
 import pytest
 from django.conf import settings
@@ -16,7 +17,8 @@ from django.urls import reverse
 
 from chat import batches
 from chat.catalog import model_resolve
-from chat.models import Batch, BatchFile, BatchLine, Message, ModelConfig
+from chat.models import Batch, BatchFile, BatchLine, BatchStatus, Conversation, Message, ModelConfig
+from chatsite.redis_client import redis_client
 from gpu_manager.state import GpuStateStore
 from tests.support.api import jsonl, request_line, switches_since, wait_batch
 from tests.support.users import superuser_create
@@ -263,3 +265,115 @@ def test_admin_shows_batches_with_progress_and_downloads(client, user):
     client.post("/admin/chat/apikey/", {"action": "revoke", "_selected_action": [key.pk]})
     key.refresh_from_db()
     assert key.revoked_at is not None
+
+
+# --- the advance's own costs (no workers: the broker is stubbed) -------------
+
+@pytest.fixture
+def sent_tasks(monkeypatch):
+    """Tasks sent through the Celery app, recorded instead of queued."""
+    sent = []
+    monkeypatch.setattr(batches.app, "signature", lambda name, **options: SimpleNamespace(
+        apply_async=lambda: sent.append((name, options))))
+    return sent
+
+
+def batch_in_progress(user, lines: list[dict]) -> Batch:
+    upload = batches.file_create(user=user, filename="in.jsonl", data=jsonl(lines), purpose="batch")
+    batch = Batch.objects.create(user=user, input_file=upload, endpoint="/v1/chat/completions",
+                                 status=BatchStatus.IN_PROGRESS, expires_at=upload.created_at)
+    BatchLine.objects.bulk_create(BatchLine(batch=batch, line=n, custom_id=line["custom_id"], body=line["body"],
+                                            model_name=line["body"]["model"], state=BatchLine.State.PENDING)
+                                  for n, line in enumerate(lines, start=1))
+    return batch
+
+
+def test_line_ends_during_an_advance_queue_no_task(user, sent_tasks):
+    """A line's end while the batch's advance runs only marks the batch
+    (the advance looks again before it leaves); with none running, the first
+    end queues one task, and the ends before that task starts queue none."""
+    batch_id = "batch_coalesce" + "0" * 17
+    r = redis_client()
+    mark, lock, queued = f"batch:changed:{batch_id}", f"batch:lock:{batch_id}", f"batch:queued:{batch_id}"
+    r.delete(mark, lock, queued)
+    r.set(lock, "an advance running", ex=30)
+    for _ in range(20):
+        batches.batch_advance_queue(batch_id=batch_id)
+    assert sent_tasks == [] and r.exists(mark)
+    r.delete(lock, mark)
+    for _ in range(20):
+        batches.batch_advance_queue(batch_id=batch_id)
+    assert [options["args"] for _, options in sent_tasks] == [(batch_id,)] and r.exists(mark)
+    # The task starts (no such batch: it looks and leaves); the next end queues again.
+    batches.batch_advance(batch_id=batch_id)
+    assert not r.exists(mark) and not r.exists(lock) and not r.exists(queued)
+    batches.batch_advance_queue(batch_id=batch_id)
+    assert len(sent_tasks) == 2
+    # The watchdog is always a task, whatever runs.
+    r.set(lock, "an advance running", ex=30)
+    batches.batch_advance_queue(batch_id=batch_id, countdown=7.0)
+    assert len(sent_tasks) == 3 and sent_tasks[-1][1]["countdown"] == 7.0
+    r.delete(mark, lock, queued)
+
+
+def test_a_cancel_stops_the_filling_within_a_few_lines_whatever_the_window(user, monkeypatch):
+    lines = [request_line(f"w{i}", "openai_gpt-4o-mini") for i in range(60)]
+    batch = batch_in_progress(user, lines)
+    taken = []
+
+    def line_dispatch(batch, line):
+        taken.append(line.line)
+        BatchLine.objects.filter(pk=line.pk).update(state=BatchLine.State.DISPATCHED)
+        if len(taken) == 3:  # a cancel, as POST /v1/batches/<id>/cancel makes it, mid-fill
+            Batch.objects.filter(pk=batch.pk).update(status=BatchStatus.CANCELLING)
+        return True
+
+    monkeypatch.setattr(batches, "_line_dispatch", line_dispatch)
+    with override_settings(BATCH_MAX_IN_FLIGHT=50):
+        batches._fill(Batch.objects.select_related("user").get(pk=batch.pk))
+    assert 3 <= len(taken) <= 3 + batches.FILL_STATUS_EVERY < 50
+
+
+def test_a_line_taken_meanwhile_leaves_no_message_behind(user, sent_tasks):
+    """The claim is the update that links the Message: a line another
+    advance took (its lock expired) rolls this one's Message back, and its
+    queueing with it."""
+    batch = batch_in_progress(user, [request_line(f"t{n}", "openai_gpt-4o-mini") for n in (1, 2)])
+    stale, fresh = BatchLine.objects.filter(batch=batch).order_by("line")
+    BatchLine.objects.filter(pk=stale.pk).update(state=BatchLine.State.DISPATCHED)  # the other advance's
+    batch = Batch.objects.select_related("user").get(pk=batch.pk)
+    assert batches._line_dispatch(batch, stale) is False
+    assert not Message.objects.exists() and not Conversation.objects.exists() and sent_tasks == []
+    assert BatchLine.objects.get(pk=stale.pk).message is None
+    # A pending line gets its Message, linked, and queued once.
+    assert batches._line_dispatch(batch, fresh) is True
+    fresh.refresh_from_db()
+    assert fresh.state == BatchLine.State.DISPATCHED and fresh.message.status == "queued"
+    assert sent_tasks and all(options.get("args") == (fresh.message_id,) for _, options in sent_tasks)
+
+
+def test_a_long_advance_renews_its_lock_and_hands_over(sent_tasks, monkeypatch):
+    """An advance passes again while line ends keep marking the batch; it
+    renews its lock every pass (another advance cannot start beside it) and
+    after half the lock's TTL leaves the rest to a new task."""
+    batch_id = "batch_handover" + "0" * 17
+    r = redis_client()
+    mark, lock = f"batch:changed:{batch_id}", f"batch:lock:{batch_id}"
+    r.delete(mark, lock, f"batch:queued:{batch_id}")
+    ttls = []
+
+    def advance(batch_id):
+        ttls.append(r.pttl(lock))
+        time.sleep(0.3)
+        if len(ttls) < 12:
+            r.set(mark, "1")  # a line ended meanwhile
+
+    monkeypatch.setattr(batches, "_advance", advance)
+    with override_settings(BATCH_LOCK_SECONDS=2):
+        batches.batch_advance(batch_id=batch_id)
+    assert 2 <= len(ttls) <= 5, ttls
+    assert min(ttls) > 1500, ttls  # renewed: without it the third pass would see ~1400 ms left
+    # Handed over: the lock is free, the batch marked, and one task queued to go on.
+    assert not r.exists(lock) and r.exists(mark)
+    assert [options["args"] for _, options in sent_tasks] == [(batch_id,)]
+    r.delete(mark, f"batch:queued:{batch_id}")
