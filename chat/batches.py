@@ -280,19 +280,25 @@ def batch_advance(*, batch_id: str) -> None:
     lock = r.lock(lock_key, timeout=settings.BATCH_LOCK_SECONDS)
     started = time.monotonic()
     while lock.acquire(blocking=False):
-        handover = False
+        handover = lost = False
         try:
             while r.delete(mark):
                 _advance(batch_id)
                 if time.monotonic() - started > settings.BATCH_LOCK_SECONDS / 2:
                     handover = True
                     break
-                lock.reacquire()  # a full TTL again; LockError if another took it over
+                try:
+                    lock.reacquire()  # a full TTL again
+                except LockError:  # it expired and another advance took it: that one goes on
+                    lost = True
+                    break
         finally:
             try:
                 lock.release()
             except LockError:  # it expired meanwhile: nothing to release
                 log.warning("batch %s: an advance outlived its lock", batch_id)
+        if lost:
+            return
         if handover:
             batch_advance_queue(batch_id=batch_id)  # the lock is free: marks and queues
             return

@@ -127,6 +127,10 @@ def completion_enqueue(*, user, request: ChatRequest, title: str = "", priority:
     through `message_enqueue` like a message from the chat page.
     """
     try:
+        # Before the transaction: it would hold SQLite's write lock across
+        # the rate limit's and the catalog's Redis round trips.
+        choice = services.message_admissible(user=user, model=request.model, content=request.content,
+                                             priority=priority)
         with transaction.atomic():
             conversation_id = None
             if request.history or title:
@@ -139,7 +143,7 @@ def completion_enqueue(*, user, request: ChatRequest, title: str = "", priority:
                 conversation_id = conversation.pk
             return services.message_enqueue(user=user, model=request.model, content=request.content,
                                             conversation_id=conversation_id, subscribe=subscribe,
-                                            priority=priority)
+                                            priority=priority, choice=choice)
     except services.ChatInputError as exc:
         param = "model" if exc.code in ("unknown_model", "model_disabled") else "messages"
         raise RequestError(exc.code, exc.detail, param=param) from exc

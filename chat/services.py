@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from chat.catalog import CatalogError, model_resolve
+from chat.catalog import CatalogError, ModelChoice, model_resolve
 from chat.dispatch import cancel_request, message_cancel_queued, message_dispatch
 from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus
 from chat.ratelimit import RateLimited, message_rate_check
@@ -23,19 +23,12 @@ class ChatInputError(CodedError):
     """A request that cannot be accepted; nothing was stored."""
 
 
-def message_enqueue(
-    *, user, model: str, content: str, conversation_id: int | None, client_id: str = "",
-    subscribe: Callable[[int], None] | None = None, priority: int | None = None,
-) -> Message:
-    """Store a user turn and its pending reply, and queue the work after the
-    transaction commits (a worker must find the rows it is given).
-
-    `subscribe(message_id)` runs after the commit and before the dispatch, so
-    that the caller listens on the reply's group before any frame is sent.
-    `priority`: see `message_dispatch`. The reply returned carries the GPU
-    scheduler's answer as `reply.admission` (None: no GPU involved, or the
-    commit is not over yet, inside an outer transaction).
-    """
+def message_admissible(*, user, model: str, content: str, priority: int | None = None) -> ModelChoice:
+    """Check a message before anything is stored, and resolve its model:
+    the rate limit (interactive messages only), the content, the model.
+    Raises ChatInputError. Everything here talks to Redis or an endpoint,
+    so a caller with its own transaction runs it first: a transaction holds
+    SQLite's write lock from its start (chatsite/settings.py)."""
     if priority is None:
         # Interactive messages (socket, /v1/chat/completions) count against
         # the user's rate limit; batch lines, queued with a priority, are
@@ -51,9 +44,28 @@ def message_enqueue(
             "content_too_long", f"The message is longer than {settings.CHAT_MAX_CONTENT_CHARS} characters."
         )
     try:
-        choice = model_resolve(model)
+        return model_resolve(model)
     except CatalogError as exc:
         raise ChatInputError(exc.code, str(exc)) from exc
+
+
+def message_enqueue(
+    *, user, model: str, content: str, conversation_id: int | None, client_id: str = "",
+    subscribe: Callable[[int], None] | None = None, priority: int | None = None,
+    choice: ModelChoice | None = None,
+) -> Message:
+    """Store a user turn and its pending reply, and queue the work after the
+    transaction commits (a worker must find the rows it is given).
+
+    `subscribe(message_id)` runs after the commit and before the dispatch, so
+    that the caller listens on the reply's group before any frame is sent.
+    `priority`: see `message_dispatch`. `choice`: the caller ran
+    `message_admissible` already. The reply returned carries the GPU
+    scheduler's answer as `reply.admission` (None: no GPU involved, or the
+    commit is not over yet, inside an outer transaction).
+    """
+    if choice is None:
+        choice = message_admissible(user=user, model=model, content=content, priority=priority)
     with transaction.atomic():
         if conversation_id is not None:
             conversation = Conversation.objects.filter(pk=conversation_id, user=user).first()

@@ -276,6 +276,11 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 #: at once by one process. Each costs its stream's memory only
 #: (docs/BENCHMARKS.md, "Concurrent streams").
 CPU_WORKER_CONCURRENCY = int(os.environ.get("CPU_WORKER_CONCURRENCY", 1000))
+# kombu's Redis pool per worker process (10 connections by default) fails
+# with "Too many connections" past its cap, and the consumer then drops the
+# broker connection and requeues what it holds: every greenlet acking its
+# message at once needs one.
+CELERY_BROKER_TRANSPORT_OPTIONS["max_connections"] = CPU_WORKER_CONCURRENCY + 100
 
 # --- Outside model servers (CONTRACT §2) ------------------------------------
 
@@ -423,9 +428,12 @@ WORKER_HEARTBEAT_TTL = 15
 #: (kombu/transport/redis.py `_brpop_start`), so a worker takes a batch line
 #: only when no interactive message (priority 0: none given) is waiting.
 BATCH_PRIORITY = 9
-#: Lines of one batch with a queued or running reply at once: as many as the
-#: CPU worker's threads, so external lines keep it busy, while a cancel, an
-#: Ollama lease wait and an interactive message behind a batch stay short.
+#: Lines of one batch with a queued or running reply at once. It bounds what
+#: a cancel must let finish, the Ollama leases granted ahead of generation,
+#: and how far an interactive message can fall behind a batch. With one
+#: gevent CPU worker a batch's own dispatching, not the window, sets its
+#: pace (bench/batch_throughput.py prints the lines in flight): windows of
+#: 64 and 256 measured no faster.
 BATCH_MAX_IN_FLIGHT = int(os.environ.get("BATCH_MAX_IN_FLIGHT", 16))
 #: OpenAI's limits for one batch input (https://platform.openai.com/docs/guides/batch).
 BATCH_MAX_LINES = 50_000

