@@ -122,6 +122,11 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # instead of opening one each (PostgreSQL allows 100 by default).
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1, "max_size": int(os.environ.get("DATABASE_POOL_MAX", 16)), "timeout": 30}
+    # With the pool, Django checks a connection as the pool hands it out
+    # (psycopg_pool's check_connection): after a database restart the pool
+    # still holds connections the server ended, and would hand one to the
+    # next tick or request (tests/test_lifecycle.py).
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [
