@@ -269,6 +269,17 @@ def stacks_started(asgi_list: list[str], *, keep: bool = False):
             stack.stop()
 
 
+def one_stack_main(parser, measure, report) -> None:
+    """A benchmark's main on one fresh stack: its arguments (with `--asgi`
+    and `--keep`), the stack up, `measure(stack, args)` in an event loop,
+    then `report(raw, args)` once the stack is down."""
+    args = parser.parse_args()
+    with BenchStack(asgi=args.asgi, keep=args.keep) as stack:
+        print(f"{args.asgi}: stack up in {stack.start_seconds:.0f} s", flush=True)
+        raw = asyncio.run(measure(stack, args))
+    report(raw, args)
+
+
 # --- the websocket client ----------------------------------------------------
 
 @dataclass

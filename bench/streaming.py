@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import ollama  # noqa: E402
 
 from bench.common import fmt, mark, results_write, spread  # noqa: E402
-from bench.stack import BenchStack  # noqa: E402
+from bench.stack import BenchStack, one_stack_main  # noqa: E402
 
 MODEL, UPSTREAM = "ollama_qwen:7b", "qwen:7b"
 
@@ -167,11 +167,7 @@ def report(raw: dict, args) -> None:
 
 
 def main() -> None:
-    args = parser().parse_args()
-    with BenchStack(asgi=args.asgi, keep=args.keep) as stack:
-        print(f"{args.asgi}: stack up in {stack.start_seconds:.0f} s", flush=True)
-        raw = asyncio.run(measure(stack, args))
-    report(raw, args)
+    one_stack_main(parser(), measure, report)
 
 
 if __name__ == "__main__":

@@ -322,18 +322,20 @@ def cancel_requested(message_id: int) -> bool:
 
 def message_finish(*, message_id: int, content: str, finish_reason: str, prompt_tokens: int,
                    completion_tokens: int, before: list[dict] = (), known: dict | None = None,
-                   first_token_at=None) -> bool:
+                   first_token_at=None, queued_only: bool = False) -> bool:
     """End a reply and send `chat.done`, once: a conditional update makes a
     second caller (a re-delivered task, a racing cancel) a no-op. `before`:
     the run's last frames (its pending text, chat/relay.py `take`), sent
     ahead of the end in the same group send. `known`: the reply's
     model_name, queued_at, started_at and first_token_at, when the run has
     them (the metrics then need no query). `first_token_at`: written with
-    the end, when the run has not written it yet."""
+    the end, when the run has not written it yet. `queued_only`: only if
+    no run has started the reply (`message_cancel_queued`)."""
     status = MessageStatus.CANCELLED if finish_reason == "cancelled" else MessageStatus.DONE
     extra = {"first_token_at": first_token_at} if first_token_at else {}
-    ended = _end(message_id, known=known, status=status, content=content, finish_reason=finish_reason,
-                 prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, **extra)
+    ended = _end(message_id, known=known, queued_only=queued_only, status=status, content=content,
+                 finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 **extra)
     if ended:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
@@ -363,13 +365,8 @@ def message_cancel_queued(message_id: int) -> bool:
     when a run started it first (then the cancel flag stops it). A run
     that claims it afterwards finds it ended (`workers/replies.py
     reply_start`)."""
-    ended = _end(message_id, queued_only=True, status=MessageStatus.CANCELLED, content="",
-                 finish_reason="cancelled", prompt_tokens=0, completion_tokens=0)
-    if ended:
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        group_send(message_group(message_id),
-                   {"type": "chat.done", "message": message_id, "finish_reason": "cancelled", "usage": usage})
-    return ended
+    return message_finish(message_id=message_id, content="", finish_reason="cancelled", prompt_tokens=0,
+                          completion_tokens=0, queued_only=True)
 
 
 def _end(message_id: int, *, known: dict | None = None, queued_only: bool = False, **fields) -> bool:

@@ -75,8 +75,16 @@ local OWNERS = {'local', 'ollama', 'openai'}
 local WAIT = {['local'] = KEYS[5], ['ollama'] = KEYS[6], ['openai'] = KEYS[7]}
 local policy, floor, factor = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local client_now, serve_default, linger_factor = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+-- Redis's clock, read once and only when a decision needs it: the fast
+-- path (nobody waits) never does, and TIME is a command too.
+local now_cached = nil
+local function clock()
+  if not now_cached then
+    local t = redis.call('TIME')
+    now_cached = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  return now_cached
+end
 
 -- Every figure and flag the decisions read, and the state's fields, each
 -- read once (one HMGET each: a script's commands count in Redis's work).
@@ -156,7 +164,7 @@ local max_wait, lease_ttl = tonumber(ARGV[12]), tonumber(ARGV[13])
 local cur = state_owner()
 local hold = SCHED['hold']
 local g = gate_time(cur)
-local gate_open = (g == nil) or now < g
+local gate_open = (g == nil) or clock() < g
 local S = switch_cost()
 
 if policy == 'grouped' and owner ~= 'local' and owner == cur and not hold and gate_open
@@ -192,8 +200,8 @@ if policy == 'fifo' then
   end
   if cur ~= owner and eta == ahead then eta = eta + S end
 elseif owner ~= cur or hold or not gate_open then
-  local mine = head(owner) or now
-  local left = math.max(0, mine + A - now)
+  local mine = head(owner) or clock()
+  local left = math.max(0, mine + A - clock())
   if WAIT[cur] then eta = eta + math.min(work(cur), left + serve_seconds(cur)) end
   for _, o in ipairs(OWNERS) do
     local s = head(o)
@@ -208,8 +216,8 @@ if policy == 'fifo' then
 end
 -- A batch line is never refused: its batch paces it, and it may take hours.
 if eta > max_wait and batch == 0 then return {'busy', position, tostring(eta), cur} end
-redis.call('ZADD', WAIT[owner], now + batch * batch_delay, id)
-redis.call('HSET', KEYS[4], id, cjson.encode({owner = owner, model = model, arrived = now, batch = batch}))
+redis.call('ZADD', WAIT[owner], clock() + batch * batch_delay, id)
+redis.call('HSET', KEYS[4], id, cjson.encode({owner = owner, model = model, arrived = clock(), batch = batch}))
 return {'queued', position, tostring(eta), cur}
 """
 
@@ -219,7 +227,7 @@ local cur = state_owner()
 
 local function take(o, id, switch)
   redis.call('ZREM', WAIT[o], id)
-  local item = redis.call('HGET', KEYS[4], id) or cjson.encode({owner = o, model = '', arrived = now, batch = 0})
+  local item = redis.call('HGET', KEYS[4], id) or cjson.encode({owner = o, model = '', arrived = clock(), batch = 0})
   redis.call('HDEL', KEYS[4], id)
   if switch == 1 then redis.call('HSET', KEYS[3], 'hold', '1') end
   return {'serve', id, item, switch}
@@ -242,7 +250,7 @@ if policy == 'fifo' then
 end
 
 local g = gate_time(cur)
-local closed = g ~= nil and now >= g
+local closed = g ~= nil and clock() >= g
 if WAIT[cur] and not (cur == 'ollama' and closed) then
   -- The current owner's visit goes on: its work that arrived before the
   -- gate closed (all of it while the gate is open), resident models first,
@@ -251,7 +259,7 @@ if WAIT[cur] and not (cur == 'ollama' and closed) then
   local upto = closed and ('(' .. g) or '+inf'
   local ids = redis.call('ZRANGEBYSCORE', WAIT[cur], '-inf', upto, 'WITHSCORES', 'LIMIT', 0, 64)
   if #ids > 0 then
-    if #ids > 2 and now - tonumber(ids[2]) < A then
+    if #ids > 2 and clock() - tonumber(ids[2]) < A then
       local hot, names = resident(cur), {}
       for i = 1, #ids, 2 do names[#names + 1] = ids[i] end
       local items = redis.call('HMGET', KEYS[4], unpack(names))
@@ -279,10 +287,10 @@ for _, o in ipairs(OWNERS) do
 end
 if best == nil then return {'idle'} end
 if not closed then
-  if cur == 'ollama' and live_leases() > 0 then return {'wait', tostring(g - now)} end
+  if cur == 'ollama' and live_leases() > 0 then return {'wait', tostring(g - clock())} end
   local active = num('active:' .. cur, nil)
   local linger = math.min(A, linger_factor * switch_cost())
-  if active and now - active < linger then return {'wait', tostring(active + linger - now)} end
+  if active and clock() - active < linger then return {'wait', tostring(active + linger - clock())} end
 end
 return take(best_owner, best_id, 1)
 """

@@ -95,22 +95,21 @@ class _Run:
 
     def _flushed(self, relay: DeltaRelay) -> None:
         if relay.seq == 1:
-            # Written with the next save, or with the end (`unsaved`): a
+            # Written with the next save, or with the end: a
             # reply that ends within SAVE_EVERY_SECONDS costs one write less.
             self.reply.first_token_at = timezone.now()
             self._first_token_unsaved = True
         if time.monotonic() - self._saved_at >= SAVE_EVERY_SECONDS:
-            Message.objects.filter(pk=self.reply.pk).update(content=relay.text, **self.unsaved())
+            Message.objects.filter(pk=self.reply.pk).update(content=relay.text, **self.first_token_fields())
+            self._first_token_unsaved = False
             self._saved_at = time.monotonic()
             if self.streaming:
                 db_release()
 
-    def unsaved(self) -> dict:
-        """The first token's time, if no save has written it yet (once)."""
-        if not self._first_token_unsaved:
-            return {}
-        self._first_token_unsaved = False
-        return {"first_token_at": self.reply.first_token_at}
+    def first_token_fields(self) -> dict:
+        """The first token's time, while no save has written it yet: for
+        the next write of the reply (a save, or its end)."""
+        return {"first_token_at": self.reply.first_token_at} if self._first_token_unsaved else {}
 
     def known(self) -> dict:
         """What the metrics need of the reply, as this run knows it."""
@@ -144,7 +143,7 @@ class _Run:
         before = self.relay.take()
         self.hold.ended = message_fail(message_id=self.reply.pk, code=error_code(exc), detail=str(exc),
                                        content=self.relay.text, before=before, known=self.known(),
-                                       **self.unsaved())
+                                       **self.first_token_fields())
 
     def finish(self, outcome: Outcome) -> None:
         if self.superseded():
@@ -153,7 +152,7 @@ class _Run:
         self.hold.ended = message_finish(
             message_id=self.reply.pk, content=self.relay.text, finish_reason=outcome.finish_reason,
             prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens, before=before,
-            known=self.known(), **self.unsaved())
+            known=self.known(), **self.first_token_fields())
 
 
 def reply_start(message_id: int, choice: ModelChoice | None = None) -> tuple[Message, ModelChoice] | None:
