@@ -8,3 +8,13 @@ class ChatConfig(AppConfig):
     def ready(self) -> None:
         # The API's admin pages live in their own module (issue 5).
         from chat import admin_batches  # noqa: F401
+
+        # An endpoint row saved or deleted: every process's catalog memo is
+        # read again (chat/catalog.py). Local rows are read per message.
+        from django.db.models.signals import post_delete, post_save
+
+        from chat.catalog import catalog_changed
+        from chat.models import ModelConfig
+
+        post_save.connect(catalog_changed, sender=ModelConfig, dispatch_uid="catalog_changed_save")
+        post_delete.connect(catalog_changed, sender=ModelConfig, dispatch_uid="catalog_changed_delete")

@@ -5,22 +5,35 @@ CONTRACT §3 (`ollama_<tag>`, `openai_<id>`).
 Discovery results (and failures) are cached briefly in the shared cache, so
 a page load or a message does not call every endpoint, and a down endpoint
 costs one connect timeout per TTL, not one per request.
+
+Resolving a message's model is on every message's path, so each process
+also keeps what it read (`_Memo`): the endpoints, and each discovery until
+the shared entry's own expiry. One Redis GET per message checks the
+catalog's version, which every change of an endpoint row and every
+`catalog_forget` moves on: an admin's edit is seen by every process at its
+next message, as before, without two queries and a cache read each time.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import threading
+import time
 from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.core.cache import caches
+from django.db import connection, transaction
 
 from chat.models import ModelConfig, ModelKind
 from chatsite.errors import CodedError
 from chatsite.openai_client import OpenAIEndpointError, openai_models
 from chatsite.ollama_client import OllamaError, ollama_tags
+from chatsite.redis_client import redis_client
 
 PREFIXES = {ModelKind.OLLAMA: "ollama_", ModelKind.OPENAI: "openai_"}
+#: Moved on (INCR) by every change the memos must see (`catalog_changed`).
+VERSION_KEY = "catalog:version"
 DEFAULT_GENERATION = {"max_new_tokens": 512, "temperature": 0.7, "top_p": 0.95}
 
 
@@ -119,7 +132,9 @@ def _cache_key(endpoint: Endpoint) -> str:
 
 def endpoint_models(endpoint: Endpoint) -> list[str]:
     """Model names the endpoint offers now; raises EndpointDown."""
-    cached = _discoveries().get(_cache_key(endpoint))
+    cached = _memo.discovery(endpoint)
+    if cached is None:
+        cached = _discoveries().get(_cache_key(endpoint))
     if cached is None:
         try:
             if endpoint.kind == ModelKind.OLLAMA:
@@ -129,15 +144,73 @@ def endpoint_models(endpoint: Endpoint) -> list[str]:
             cached = {"ok": True, "models": found, "detail": ""}
         except (OllamaError, OpenAIEndpointError) as exc:
             cached = {"ok": False, "models": [], "detail": str(exc)}
+        cached["until"] = time.time() + settings.MODEL_DISCOVERY_TTL
         _discoveries().set(_cache_key(endpoint), cached, timeout=settings.MODEL_DISCOVERY_TTL)
+    _memo.discovery_keep(endpoint, cached)
     if not cached["ok"]:
         raise EndpointDown(cached["detail"])
     return cached["models"]
 
 
+class _Memo:
+    """This process's copy of the endpoints and their discoveries, good
+    while the catalog's version in Redis is the one it was read under (a
+    discovery also only until its shared entry expires)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._version: bytes | None = None
+        self._endpoints: list[Endpoint] | None = None
+        self._discovered: dict[str, dict] = {}
+
+    def endpoints(self) -> list[Endpoint]:
+        """The endpoints, read again when the version moved (one GET)."""
+        version = redis_client().get(VERSION_KEY)
+        with self._lock:
+            if self._endpoints is not None and version == self._version:
+                return self._endpoints
+        found = endpoints()
+        if not connection.in_atomic_block:  # never keep what a transaction may yet roll back
+            with self._lock:
+                self._version, self._endpoints, self._discovered = version, found, {}
+        return found
+
+    def discovery(self, endpoint: Endpoint) -> dict | None:
+        kept = self._discovered.get(_cache_key(endpoint))
+        return kept if kept is not None and kept.get("until", 0) > time.time() else None
+
+    def discovery_keep(self, endpoint: Endpoint, cached: dict) -> None:
+        if self._endpoints is not None:
+            self._discovered[_cache_key(endpoint)] = cached
+
+    def forget(self) -> None:
+        with self._lock:
+            self._version, self._endpoints, self._discovered = None, None, {}
+
+
+_memo = _Memo()
+
+
+def catalog_changed(**_) -> None:
+    """Every process reads the catalog again at its next message (an
+    endpoint row saved or deleted: chat/apps.py; `catalog_forget`).
+
+    Moved on at once and again when the change commits: a process that
+    read the rows between the two (the change not yet visible) keeps them
+    only until the second."""
+    _version_move()
+    transaction.on_commit(_version_move)
+
+
+def _version_move() -> None:
+    redis_client().incr(VERSION_KEY)
+    _memo.forget()
+
+
 def catalog_forget() -> None:
     """Drop cached discoveries (after an admin edit, or in tests)."""
     _discoveries().delete_many([_cache_key(e) for e in endpoints()])
+    catalog_changed()
 
 
 def catalog_list() -> tuple[list[ModelChoice], list[dict]]:
@@ -176,7 +249,7 @@ def default_model_name() -> str | None:
 
 def _resolve_remote(kind: str, upstream: str) -> ModelChoice:
     down = []
-    for endpoint in (e for e in endpoints() if e.kind == kind):
+    for endpoint in (e for e in _memo.endpoints() if e.kind == kind):
         try:
             if upstream in endpoint_models(endpoint):
                 return _remote_choice(endpoint, upstream)

@@ -17,10 +17,19 @@ with SQLITE_BUSY did nothing, so running it again is safe; in WAL mode with
 IMMEDIATE transactions (settings), only the statement that takes the write
 lock (BEGIN IMMEDIATE, or an autocommit write), the commit, and the
 pragmas a new connection runs can fail so.
+
+Connections are also kept open between uses, per process (`_Idle`):
+Django closes its connection after every request and task (CONN_MAX_AGE
+0), and in the CPU worker every task is a new greenlet with a connection
+of its own; opening one (the file, the functions Django registers, the
+pragmas) was 5 % of the web process's and the CPU worker's time
+(docs/BENCHMARKS.md, "The message path").
 """
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import time
 
 from django.db.backends.sqlite3 import base
@@ -50,6 +59,53 @@ def _retried(call, timeout: float):
         pause = min(pause * 2, PAUSE_LAST)
 
 
+class _Idle:
+    """Open SQLite connections not in use, per database file, at most
+    `size` of each. A connection comes back only outside a transaction,
+    and goes out again only to the same file (the same inode: a test
+    database deleted and made again is a new file)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._lock = threading.Lock()
+        self._free: dict[str, list[tuple[tuple[int, int], sqlite3.Connection]]] = {}
+
+    @staticmethod
+    def _identity(path: str) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    def take(self, path: str) -> sqlite3.Connection | None:
+        identity = self._identity(path)
+        with self._lock:
+            free = self._free.get(path, [])
+            while free:
+                seen, conn = free.pop()
+                if seen == identity:
+                    return conn
+                conn.close()  # the file was replaced: that connection reads the old one
+        return None
+
+    def give(self, path: str, conn: sqlite3.Connection) -> bool:
+        """Keep `conn` for the next use; False (the caller closes it) when it
+        is in a transaction, or enough are kept."""
+        identity = self._identity(path)
+        if conn.in_transaction or identity is None:
+            return False
+        with self._lock:
+            free = self._free.setdefault(path, [])
+            if len(free) >= self.size:
+                return False
+            free.append((identity, conn))
+        return True
+
+
+_idle = _Idle()
+
+
 class CursorWrapper(base.SQLiteCursorWrapper):
     busy_timeout = 30.0
 
@@ -68,11 +124,24 @@ class DatabaseWrapper(base.DatabaseWrapper):
         params["timeout"] = BUSY_SLICE
         return params
 
+    def _pooled(self) -> bool:
+        return not self.is_in_memory_db()
+
     def get_new_connection(self, conn_params):
+        if self._pooled():
+            conn = _idle.take(self.settings_dict["NAME"])
+            if conn is not None:
+                return conn
         # Opening runs the init pragmas (journal_mode=WAL), which need the
         # lock for a moment too.
         return _retried(lambda: super(DatabaseWrapper, self).get_new_connection(conn_params),
                         self._busy_timeout)
+
+    def _close(self):
+        if (self.connection is not None and self._pooled() and not self.in_atomic_block
+                and _idle.give(self.settings_dict["NAME"], self.connection)):
+            return
+        super()._close()
 
     def create_cursor(self, name=None):
         cursor = self.connection.cursor(factory=CursorWrapper)
