@@ -18,8 +18,8 @@ its summary lines:
 The external run also reports the lines in flight (sampled against the
 window: a mean far below it says the batch's dispatching, not the window,
 set the pace). `--window` runs it with BATCH_MAX_IN_FLIGHT=N (the floor
-then uses as many at once), `--cpu-workers` with more CPU worker processes
-than `make run`'s one, and `--probe` sends interactive messages to those
+then uses as many at once), `--cpu-workers` with another number of CPU
+worker processes than `make run`'s, and `--probe` sends interactive messages to those
 models during the external batch and before it (their latency, idle and
 during the batch: what the window costs the people chatting; local_demo
 probes also switch the GPU away from Ollama, so they slow the batch).
@@ -128,7 +128,8 @@ def main() -> None:
                         help="in arrival order every model change is a GPU switch: seconds each on 2 cores")
     parser.add_argument("--window", type=int, default=None,
                         help="BATCH_MAX_IN_FLIGHT for the external batch (default: the settings')")
-    parser.add_argument("--cpu-workers", type=int, default=1, help="CPU worker processes (make run: 1)")
+    parser.add_argument("--cpu-workers", type=int, default=None,
+                        help="CPU worker processes (default: make run's, settings.CPU_WORKER_PROCESSES)")
     parser.add_argument("--probe", default="",
                         help="models to send interactive messages to during the external batch, e.g. "
                              "openai_gpt-4o-mini,local_demo")
@@ -143,7 +144,8 @@ def main() -> None:
     else:
         figures["available"] = True
         try:
-            extra = ["--cpu-workers", str(args.cpu_workers)] + (["--probe", args.probe] if args.probe else [])
+            extra = (["--cpu-workers", str(args.cpu_workers)] if args.cpu_workers else []) + \
+                (["--probe", args.probe] if args.probe else [])
             external = run_script(["--lines", str(args.lines), "--models", ",".join(EXTERNAL), *extra],
                                   env={"BATCH_MAX_IN_FLIGHT": str(args.window)} if args.window else None)
             from bench.stack import Fakes

@@ -23,7 +23,8 @@ runs, and three of each before it: their time from queued to finished,
 idle and during the batch, is what a batch's window costs the people
 chatting (the CPU worker's share for an external model; for local_demo,
 the wait for the GPU, which Ollama's leases of the lines in flight hold).
---cpu-workers N starts N CPU worker processes instead of `make run`'s one.
+--cpu-workers N starts N CPU worker processes instead of `make run`'s
+(settings.CPU_WORKER_PROCESSES).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the private var/ directory (logs, database)")
     parser.add_argument("--probe", default="", help="comma-separated models to send interactive messages to")
     parser.add_argument("--probe-every", type=float, default=2.0, help="seconds between two rounds of probes")
-    parser.add_argument("--cpu-workers", type=int, default=1, help="CPU worker processes (make run: 1)")
+    parser.add_argument("--cpu-workers", type=int, default=None,
+                        help="CPU worker processes (default: make run's, settings.CPU_WORKER_PROCESSES)")
     args = parser.parse_args()
 
     from tests.stack import Stack
@@ -79,14 +81,17 @@ def main() -> None:
         from tests.support.workers import Workers
 
         class _Workers(Workers):
-            """`cpu2`, `cpu3`…: more CPU workers, named apart (`make run` starts one)."""
+            """`cpu2`, `cpu3`…: more CPU workers, named apart, as `make run` names them."""
 
             def argv(self, name: str) -> list[str]:
                 argv = super().argv(name)
                 return [a.replace("cpu@test", f"{name}@test") for a in argv] if name.startswith("cpu") else argv
 
         workers = _Workers(stack.var, f"sqlite:///{stack.var / 'db.sqlite3'}")
-        for name in ("gpu", "cpu", *(f"cpu{n}" for n in range(2, args.cpu_workers + 1))):
+        from django.conf import settings
+
+        cpu_workers = args.cpu_workers or settings.CPU_WORKER_PROCESSES
+        for name in ("gpu", "cpu", *(f"cpu{n}" for n in range(2, cpu_workers + 1))):
             workers.start(name)
         run(args)
     finally:

@@ -291,7 +291,9 @@ def report(raw: dict, args) -> None:
 
 
 def main() -> None:
-    one_stack_main(parser(), measure, report)
+    # The figures are per CPU worker process (issue 14: "from one CPU
+    # worker process"), and the kill is of that one process.
+    one_stack_main(parser(), measure, report, cpu_workers=1)
 
 
 if __name__ == "__main__":

@@ -209,8 +209,8 @@ def breakdown(stack: BenchStack, replies) -> dict:
                       f"WHERE id IN ({','.join('?' * len(ids))})", list(ids)).fetchall()
     db.close()
     tasks: dict[tuple[int, str], float] = {}
-    for name in ("gpu-worker", "cpu-worker"):
-        for m in _TASK_LINE.finditer((stack.var / f"{name}.log").read_text(errors="replace")):
+    for log in [stack.var / "gpu-worker.log", *sorted(stack.var.glob("cpu-worker*.log"))]:
+        for m in _TASK_LINE.finditer(log.read_text(errors="replace")):
             tasks[int(m[1]), m[2]] = float(m[3])
 
     def unix(stamp: str) -> float:

@@ -86,9 +86,12 @@ class Fakes:
 
 
 class BenchStack:
-    def __init__(self, *, asgi: str = "uvicorn", keep: bool = False, env: dict[str, str] | None = None):
+    def __init__(self, *, asgi: str = "uvicorn", keep: bool = False, env: dict[str, str] | None = None,
+                 cpu_workers: int | None = None):
         """`env`: settings added to every process's environment (a
-        benchmark's own, e.g. GPU_SCHEDULE), over `make run`'s defaults."""
+        benchmark's own, e.g. GPU_SCHEDULE), over `make run`'s defaults.
+        `cpu_workers`: CPU worker processes (`make run`'s by default)."""
+        self.cpu_workers = cpu_workers
         if asgi not in ("uvicorn", "daphne"):
             raise ValueError(asgi)
         self.asgi = asgi
@@ -139,7 +142,7 @@ class BenchStack:
             cwd=ROOT, env=self.env, check=True, stdout=subprocess.DEVNULL)
         from chat.management.commands.runstack import stack_commands
 
-        for name, argv in stack_commands(host="127.0.0.1", port=self.port):
+        for name, argv in stack_commands(host="127.0.0.1", port=self.port, cpu_workers=self.cpu_workers):
             argv = [a.replace("@%h", "@bench") for a in argv]
             if name == "web" and self.asgi == "daphne":
                 argv = [str(Path(sys.executable).with_name("daphne")), "-b", "127.0.0.1", "-p", str(self.port),
@@ -192,7 +195,7 @@ class BenchStack:
         (workers and the web process read settings at start), and wait until
         /readyz answers again. Redis, the fakes and the database stay."""
         self.env.update(env)
-        for name in ("web", "gpu-worker", "cpu-worker"):
+        for name in list(self.procs):
             self.restart(name)
         self._wait(self._ready, "/readyz")
 
@@ -269,12 +272,13 @@ def stacks_started(asgi_list: list[str], *, keep: bool = False):
             stack.stop()
 
 
-def one_stack_main(parser, measure, report) -> None:
+def one_stack_main(parser, measure, report, **stack_options) -> None:
     """A benchmark's main on one fresh stack: its arguments (with `--asgi`
-    and `--keep`), the stack up, `measure(stack, args)` in an event loop,
-    then `report(raw, args)` once the stack is down."""
+    and `--keep`), the stack up (`stack_options`: BenchStack's),
+    `measure(stack, args)` in an event loop, then `report(raw, args)` once
+    the stack is down."""
     args = parser.parse_args()
-    with BenchStack(asgi=args.asgi, keep=args.keep) as stack:
+    with BenchStack(asgi=args.asgi, keep=args.keep, **stack_options) as stack:
         print(f"{args.asgi}: stack up in {stack.start_seconds:.0f} s", flush=True)
         raw = asyncio.run(measure(stack, args))
     report(raw, args)

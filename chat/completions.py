@@ -12,6 +12,7 @@ from typing import Callable
 from django.db import transaction
 
 from chat import services
+from chat.catalog import ModelChoice
 from chat.models import Conversation, Message, MessageStatus
 from chatsite.errors import CodedError
 
@@ -118,19 +119,31 @@ def _text(content, index: int) -> str:
     return content
 
 
+def completion_admissible(*, user, request: ChatRequest, priority: int | None = None) -> ModelChoice:
+    """Check a request before anything is stored, and resolve its model
+    (`services.message_admissible`); RequestError names what is wrong."""
+    try:
+        return services.message_admissible(user=user, model=request.model, content=request.content,
+                                           priority=priority)
+    except services.ChatInputError as exc:
+        raise _request_error(exc) from exc
+
+
 def completion_enqueue(*, user, request: ChatRequest, title: str = "", priority: int | None = None,
-                       subscribe: Callable[[int], None] | None = None) -> Message:
+                       subscribe: Callable[[int], None] | None = None,
+                       choice: ModelChoice | None = None) -> Message:
     """Store the request as a new conversation and queue its reply.
 
     A request carries its whole history, so each gets its own conversation:
     the earlier turns are stored as finished messages, the last one goes
-    through `message_enqueue` like a message from the chat page.
+    through `message_enqueue` like a message from the chat page. `choice`:
+    the caller ran `completion_admissible` already.
     """
-    try:
+    if choice is None:
         # Before the transaction: it would hold SQLite's write lock across
         # the rate limit's and the catalog's Redis round trips.
-        choice = services.message_admissible(user=user, model=request.model, content=request.content,
-                                             priority=priority)
+        choice = completion_admissible(user=user, request=request, priority=priority)
+    try:
         with transaction.atomic():
             conversation_id = None
             if request.history or title:
@@ -145,8 +158,12 @@ def completion_enqueue(*, user, request: ChatRequest, title: str = "", priority:
                                             conversation_id=conversation_id, subscribe=subscribe,
                                             priority=priority, choice=choice)
     except services.ChatInputError as exc:
-        param = "model" if exc.code in ("unknown_model", "model_disabled") else "messages"
-        raise RequestError(exc.code, exc.detail, param=param) from exc
+        raise _request_error(exc) from exc
+
+
+def _request_error(exc: "services.ChatInputError") -> RequestError:
+    param = "model" if exc.code in ("unknown_model", "model_disabled") else "messages"
+    return RequestError(exc.code, exc.detail, param=param)
 
 
 def completion_object(reply: Message) -> dict:

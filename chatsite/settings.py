@@ -281,6 +281,13 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 #: at once by one process. Each costs its stream's memory only
 #: (docs/BENCHMARKS.md, "Concurrent streams").
 CPU_WORKER_CONCURRENCY = int(os.environ.get("CPU_WORKER_CONCURRENCY", 1000))
+#: CPU worker processes `make run` starts. The gevent pool is one thread,
+#: so a process uses one core at most: on 2 cores, two processes ran a
+#: 2,000-line batch at 125 lines/s against 76 with one, and 10 sockets at
+#: the same rate (docs/BENCHMARKS.md, "The message path"). Two at most by
+#: default: each process has its own database pool (DATABASE_POOL_MAX) and
+#: broker connections; raise it on a box with more cores and connections.
+CPU_WORKER_PROCESSES = max(1, int(os.environ.get("CPU_WORKER_PROCESSES", min(2, os.cpu_count() or 1))))
 # kombu's Redis pool per worker process (10 connections by default) fails
 # with "Too many connections" past its cap, and the consumer then drops the
 # broker connection and requeues what it holds: every greenlet acking its

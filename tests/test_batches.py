@@ -321,14 +321,15 @@ def test_a_cancel_stops_the_filling_within_a_few_lines_whatever_the_window(user,
     batch = batch_in_progress(user, lines)
     taken = []
 
-    def line_dispatch(batch, line):
-        taken.append(line.line)
-        BatchLine.objects.filter(pk=line.pk).update(state=BatchLine.State.DISPATCHED)
-        if len(taken) == 3:  # a cancel, as POST /v1/batches/<id>/cancel makes it, mid-fill
-            Batch.objects.filter(pk=batch.pk).update(status=BatchStatus.CANCELLING)
-        return True
+    def lines_dispatch(batch, lines):
+        for line in lines:
+            taken.append(line.line)
+            BatchLine.objects.filter(pk=line.pk).update(state=BatchLine.State.DISPATCHED)
+            if len(taken) == 3:  # a cancel, as POST /v1/batches/<id>/cancel makes it, mid-fill
+                Batch.objects.filter(pk=batch.pk).update(status=BatchStatus.CANCELLING)
+        return len(lines)
 
-    monkeypatch.setattr(batches, "_line_dispatch", line_dispatch)
+    monkeypatch.setattr(batches, "_lines_dispatch", lines_dispatch)
     with override_settings(BATCH_MAX_IN_FLIGHT=50):
         batches._fill(Batch.objects.select_related("user").get(pk=batch.pk))
     assert 3 <= len(taken) <= 3 + batches.FILL_STATUS_EVERY < 50
@@ -337,19 +338,24 @@ def test_a_cancel_stops_the_filling_within_a_few_lines_whatever_the_window(user,
 def test_a_line_taken_meanwhile_leaves_no_message_behind(user, sent_tasks):
     """The claim is the update that links the Message: a line another
     advance took (its lock expired) rolls this one's Message back, and its
-    queueing with it."""
-    batch = batch_in_progress(user, [request_line(f"t{n}", "openai_gpt-4o-mini") for n in (1, 2)])
-    stale, fresh = BatchLine.objects.filter(batch=batch).order_by("line")
+    queueing with it, and only its own: the lines dispatched with it in
+    the same transaction are queued."""
+    batch = batch_in_progress(user, [request_line(f"t{n}", "openai_gpt-4o-mini") for n in (1, 2, 3)])
+    stale, fresh, last = BatchLine.objects.filter(batch=batch).order_by("line")
     BatchLine.objects.filter(pk=stale.pk).update(state=BatchLine.State.DISPATCHED)  # the other advance's
     batch = Batch.objects.select_related("user").get(pk=batch.pk)
-    assert batches._line_dispatch(batch, stale) is False
+    assert batches._lines_dispatch(batch, [stale]) == 0
     assert not Message.objects.exists() and not Conversation.objects.exists() and sent_tasks == []
     assert BatchLine.objects.get(pk=stale.pk).message is None
-    # A pending line gets its Message, linked, and queued once.
-    assert batches._line_dispatch(batch, fresh) is True
-    fresh.refresh_from_db()
-    assert fresh.state == BatchLine.State.DISPATCHED and fresh.message.status == "queued"
-    assert sent_tasks and all(options.get("args") == (fresh.message_id,) for _, options in sent_tasks)
+    # Pending lines get their Messages, linked, each queued once; the taken one nothing.
+    assert batches._lines_dispatch(batch, [fresh, stale, last]) == 2
+    for line in (fresh, last):
+        line.refresh_from_db()
+        assert line.state == BatchLine.State.DISPATCHED and line.message.status == "queued"
+    assert BatchLine.objects.get(pk=stale.pk).message is None
+    assert Conversation.objects.count() == 2
+    queued = [options.get("args") for _, options in sent_tasks]
+    assert sorted(queued) == [(fresh.message_id,), (last.message_id,)]
 
 
 def test_a_long_advance_renews_its_lock_and_hands_over(sent_tasks, monkeypatch):

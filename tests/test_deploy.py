@@ -83,3 +83,16 @@ def test_docker_compose_config_validates():
     result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config", "-q"], capture_output=True,
                             text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
+
+
+def test_make_run_starts_the_cpu_worker_processes_as_distinct_nodes_and_restarts_each():
+    from chat.management.commands.runstack import _restart_allowed, stack_commands
+
+    commands = dict(stack_commands(host="h", port=1, cpu_workers=3))
+    cpu = {name: argv for name, argv in commands.items() if name.startswith("cpu-worker")}
+    assert list(cpu) == ["cpu-worker", "cpu-worker-2", "cpu-worker-3"]
+    assert [argv[argv.index("-n") + 1] for argv in cpu.values()] == ["cpu@%h", "cpu2@%h", "cpu3@%h"]
+    assert all(argv[argv.index("-Q") + 1] == "cpu" for argv in cpu.values())
+    restarts: dict = {}
+    assert _restart_allowed("cpu-worker-3", restarts) and _restart_allowed("gpu-worker", restarts)
+    assert not _restart_allowed("web", restarts)

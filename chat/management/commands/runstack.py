@@ -30,16 +30,20 @@ POLL_SECONDS = 0.2
 #: import error), not unlucky: then the stack stops, with its status.
 RESTART_LIMIT = 5
 RESTART_WINDOW = 60.0
-#: The children that are started again when they exit; the web server or
-#: Redis exiting stops the stack.
+#: The children that are started again when they exit (the CPU workers are
+#: cpu-worker, cpu-worker-2, ...); the web server or Redis exiting stops
+#: the stack.
 RESTARTED = ("gpu-worker", "cpu-worker")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def stack_commands(*, host: str, port: int) -> list[tuple[str, list[str]]]:
+def stack_commands(*, host: str, port: int, cpu_workers: int | None = None) -> list[tuple[str, list[str]]]:
     """The processes of the stack as (name, argv); the worker options are
-    explained in chatsite/celery.py."""
+    explained in chatsite/celery.py. `cpu_workers`: CPU worker processes
+    (settings.CPU_WORKER_PROCESSES), named cpu-worker, cpu-worker-2, ...
+    and cpu@, cpu2@, ... as Celery nodes."""
     python = sys.executable
+    cpu_workers = settings.CPU_WORKER_PROCESSES if cpu_workers is None else cpu_workers
     return [
         ("web", [
             python, "-m", "uvicorn", "chatsite.asgi:application",
@@ -50,10 +54,11 @@ def stack_commands(*, host: str, port: int) -> list[tuple[str, list[str]]]:
             "-I", queues.GPU_TASK_MODULE, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "-n", "gpu@%h",
             "--loglevel", "INFO",
         ]),
-        ("cpu-worker", [
+        *((f"cpu-worker-{n}" if n > 1 else "cpu-worker", [
             python, "-m", "celery", "-A", "chatsite", "worker", "-Q", queues.CPU_QUEUE,
-            "-P", "gevent", "-c", str(settings.CPU_WORKER_CONCURRENCY), "-n", "cpu@%h", "--loglevel", "INFO",
-        ]),
+            "-P", "gevent", "-c", str(settings.CPU_WORKER_CONCURRENCY), "-n", f"cpu{n if n > 1 else ''}@%h",
+            "--loglevel", "INFO",
+        ]) for n in range(1, cpu_workers + 1)),
     ]
 
 
@@ -62,7 +67,7 @@ class _Stop(Exception):
 
 
 class Command(BaseCommand):
-    help = "Run the web server, a GPU worker and a CPU worker (and a private Redis) until Ctrl-C."
+    help = "Run the web server, a GPU worker and the CPU workers (and a private Redis) until Ctrl-C."
 
     def handle(self, *args, **options):
         host = os.environ.get("HOST", "127.0.0.1")
@@ -201,7 +206,7 @@ def _exited(children: dict[str, subprocess.Popen]) -> tuple[str, int] | None:
 def _restart_allowed(name: str, restarts: dict[str, list[float]]) -> bool:
     """Whether the child `name`, which exited, is started again: a worker,
     unless it was already RESTART_LIMIT times within RESTART_WINDOW."""
-    if name not in RESTARTED:
+    if not name.startswith(RESTARTED):
         return False
     now = time.monotonic()
     recent = [t for t in restarts.get(name, []) if now - t < RESTART_WINDOW]
