@@ -190,6 +190,21 @@ class BenchStack:
         proc.wait(timeout=30)
         self._spawn(name, self.argv[name], {**self.env, **env})
 
+    @contextlib.contextmanager
+    def cpu_workers_only(self, count: int):
+        """Only the first `count` CPU worker processes run in the block (a
+        figure per process); the others are stopped, and started again after."""
+        extra = [name for name in self.procs if name.startswith("cpu-worker-")
+                 and int(name.rsplit("-", 1)[1]) > count]
+        for name in extra:
+            os.killpg(self.procs[name].pid, signal.SIGTERM)
+            self.procs[name].wait(timeout=30)
+        try:
+            yield
+        finally:
+            for name in extra:
+                self._spawn(name, self.argv[name], self.env)
+
     def restart_all(self, **env: str) -> None:
         """Restart the web server and both workers with `env` added for good
         (workers and the web process read settings at start), and wait until

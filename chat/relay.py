@@ -77,11 +77,13 @@ class DeltaRelay:
     def interval() -> float:
         """Seconds between two flushes of one stream: CHAT_DELTA_FLUSH_SECONDS,
         stretched so that all the streams of this process together send at
-        most CHAT_FRAMES_PER_SECOND frames (hundreds of streams, each a
-        frame per token, would flood the channel layer and the sockets'
-        web process: docs/BENCHMARKS.md, "Concurrent streams"). The text is
-        the same; it comes in fewer, larger pieces."""
-        return max(settings.CHAT_DELTA_FLUSH_SECONDS, len(DeltaRelay._open) / settings.CHAT_FRAMES_PER_SECOND)
+        most its share of CHAT_FRAMES_PER_SECOND (one of
+        CPU_WORKER_PROCESSES): hundreds of streams, each a frame per
+        token, would flood the channel layer and the sockets' web process
+        (docs/BENCHMARKS.md, "Concurrent streams"). The text is the same;
+        it comes in fewer, larger pieces."""
+        share = settings.CHAT_FRAMES_PER_SECOND / settings.CPU_WORKER_PROCESSES
+        return max(settings.CHAT_DELTA_FLUSH_SECONDS, len(DeltaRelay._open) / share)
 
     def push(self, text: str) -> None:
         if not text:

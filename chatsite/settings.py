@@ -387,10 +387,13 @@ CHAT_MAX_CONTENT_CHARS = int(os.environ.get("CHAT_MAX_CONTENT_CHARS", 32_000))
 #: docs/BENCHMARKS.md has the streaming figures), so one per token would cost more
 #: than a tiny model's token; 40 ms still reads as smooth streaming.
 CHAT_DELTA_FLUSH_SECONDS = 0.04
-#: At most this many `chat.delta` frames a second from one worker process,
-#: all its streams together: past CHAT_FRAMES_PER_SECOND *
-#: CHAT_DELTA_FLUSH_SECONDS streams (80), each stream's flushes are spaced
-#: further apart (chat/relay.py DeltaRelay.interval; 500 streams: 0.25 s).
+#: At most this many `chat.delta` frames a second from the CPU workers,
+#: all their streams together, each of the CPU_WORKER_PROCESSES taking its
+#: share: past that, each stream's flushes are spaced further apart
+#: (chat/relay.py DeltaRelay.interval; 500 streams: 0.25 s). The budget is
+#: the whole stack's because the frames all end in the web process's one
+#: channel-layer key, which drops what is past its capacity: two CPU
+#: workers each sending 2,000 a second lost replies' ends at 500 streams.
 CHAT_FRAMES_PER_SECOND = float(os.environ.get("CHAT_FRAMES_PER_SECOND", 2000))
 #: Each process writes its metrics to Redis at most this often (seconds),
 #: added up (chat/metrics.py): a scrape sees a reply at most this late.
