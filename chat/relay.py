@@ -16,6 +16,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from chatsite.channel_layer import FRAMES_TYPE
 
+#: Frames that end a reply: never dropped at the channel layer's capacity
+#: (chatsite/channel_layer.py `group_send_blocking`), whatever the backlog.
+END_TYPES = frozenset({"chat.done", "chat.error"})
 #: Tries of one send when the connection fails (see `group_send`), and the
 #: pause before the second (doubled before the third): a private Redis
 #: restarts in ~0.1 s.
@@ -32,6 +35,10 @@ def group_send(group: str, *events: dict) -> None:
     FRAMES_TYPE pack, handed to each receiver one by one), and return once
     Redis has them, so frames of one sender arrive in the order they were sent.
 
+    A reply's end is added past the channel's capacity: a web process far
+    behind may drop deltas (the page then shows a gap in `seq`), but never
+    the end a socket waits for.
+
     A connection error is retried: after Redis restarts, the first command
     on a connection pooled before the restart fails ("Connection closed by
     server"); redis-py reconnects it (docs/reliability.md). A command that
@@ -39,10 +46,11 @@ def group_send(group: str, *events: dict) -> None:
     does not send the frame twice.
     """
     event = events[0] if len(events) == 1 else {"type": FRAMES_TYPE, "frames": list(events)}
+    ends = any(e["type"] in END_TYPES for e in events)
     layer = get_channel_layer()
     for attempt in range(1, SEND_ATTEMPTS + 1):
         try:
-            layer.group_send_blocking(group, event)
+            layer.group_send_blocking(group, event, past_capacity=ends)
             return
         except RedisConnectionError:
             if attempt == SEND_ATTEMPTS:

@@ -125,12 +125,14 @@ class RedisChannelLayer(core.RedisChannelLayer):
     def _blocking(self) -> "BlockingSender":
         return BlockingSender(self)
 
-    def group_send_blocking(self, group: str, message: dict) -> None:
+    def group_send_blocking(self, group: str, message: dict, *, past_capacity: bool = False) -> None:
         """`group_send` for synchronous code (the workers, under threads or
         gevent): the same keys and wire format, over a blocking redis-py
         client, in two round trips and five commands for a group of one
-        socket (channels_redis's takes nine, and an event loop)."""
-        self._blocking.send(group, message)
+        socket (channels_redis's takes nine, and an event loop).
+        `past_capacity`: added even to a channel at its capacity (a reply's
+        end: dropped, its socket would wait for it forever)."""
+        self._blocking.send(group, message, past_capacity=past_capacity)
 
     def group_add_blocking(self, group: str, channel: str) -> None:
         """`group_add` for synchronous code (a subscription made in the
@@ -148,18 +150,22 @@ class BlockingSender:
 
     # Per channel key: add the message unless the channel is at capacity
     # (expired messages are removed first, only then), and push its expiry.
+    # A capacity of 0: added whatever the channel holds (no count taken).
     SCRIPT = """
         local n = #KEYS
         local now, expiry, stale = ARGV[2 * n + 1], ARGV[2 * n + 2], ARGV[2 * n + 3]
         local over = 0
         for i = 1, n do
             local capacity = tonumber(ARGV[n + i])
-            local count = redis.call('ZCARD', KEYS[i])
-            if count >= capacity then
-                redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, stale)
+            local count = 0
+            if capacity > 0 then
                 count = redis.call('ZCARD', KEYS[i])
+                if count >= capacity then
+                    redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, stale)
+                    count = redis.call('ZCARD', KEYS[i])
+                end
             end
-            if count < capacity then
+            if capacity == 0 or count < capacity then
                 redis.call('ZADD', KEYS[i], now, ARGV[i])
                 redis.call('EXPIRE', KEYS[i], expiry)
             else
@@ -193,7 +199,7 @@ class BlockingSender:
         pipe.expire(key, layer.group_expiry)
         pipe.execute()
 
-    def send(self, group: str, message: dict) -> None:
+    def send(self, group: str, message: dict, *, past_capacity: bool = False) -> None:
         layer = self.layer
         assert layer.require_valid_group_name(group), "Group name not valid"
         key = layer._group_key(group)
@@ -207,6 +213,8 @@ class BlockingSender:
             return
         by_connection, messages, capacities = layer._map_channel_keys_to_connection(channels, message)
         keys = by_connection[0]
+        if past_capacity:
+            capacities = {k: 0 for k in keys}  # no limit (SCRIPT)
         over = self.script(keys=keys, args=[*(messages[k] for k in keys), *(capacities[k] for k in keys),
                                             now, layer.expiry, int(now) - int(layer.expiry)])
         if over:

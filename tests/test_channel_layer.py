@@ -114,3 +114,27 @@ async def test_a_receive_cancelled_after_the_backup_shortcut_still_gets_what_the
     await layer.connection(0).zadd(layer._backup_channel_name(key),
                                    {layer.serialize({"type": "chat.delta", "seq": 1}): time.time()})
     assert await _received(layer, "backup.test", 1) == [{"type": "chat.delta", "seq": 1}]
+
+
+async def test_a_replys_end_is_delivered_past_the_channels_capacity():
+    """A web process far behind (its channel key at capacity) loses deltas
+    to the capacity, never the end its socket waits for."""
+    from asgiref.sync import sync_to_async
+
+    from chat.relay import group_send
+
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await layer.group_add("full.test", channel)
+    capacity, layer.capacity = layer.capacity, 3
+    try:
+        for seq in range(5):
+            await sync_to_async(group_send)("full.test", {"type": "chat.delta", "seq": seq})
+        await sync_to_async(group_send)("full.test", {"type": "chat.delta", "seq": 5}, {"type": "chat.done"})
+    finally:
+        layer.capacity = capacity
+    assert await _received(layer, channel, 4) == [
+        {"type": "chat.delta", "seq": 0}, {"type": "chat.delta", "seq": 1}, {"type": "chat.delta", "seq": 2},
+        {"type": "chat.delta", "seq": 5}]
+    assert await _received(layer, channel, 1) == [{"type": "chat.done"}]
+    await layer.group_discard("full.test", channel)
