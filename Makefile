@@ -77,8 +77,8 @@ clean:
 	rm -rf $(VENV) var
 
 # Benchmarks (issue 6; docs/BENCHMARKS.md): each prints a table against its
-# floor and writes bench/results/NAME.json. 8.4–9.7 minutes on 2 cores shared
-# with other work (docs/BENCHMARKS.md), plus 7.5-10 for switch_load; the
+# floor and writes bench/results/NAME.json. 16 minutes on 2 cores
+# (docs/BENCHMARKS.md), switch_load's 8 included; the
 # first run also builds a ~1 GB model under var/bench/ (~20 s), kept for
 # later runs.
 .PHONY: bench

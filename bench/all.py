@@ -3,10 +3,10 @@ bench/results/NAME.json (docs/BENCHMARKS.md says what each measures).
 
     .venv/bin/python bench/all.py
 
-To stay under 10 minutes on 2 cores, the benchmarks that go through the
+To keep it to ~16 minutes on 2 cores, the benchmarks that go through the
 stack share it: a uvicorn stack and a daphne stack run dispatch side by
-side, then the uvicorn one (`make run`'s server) serves streaming and local
-generation. Each script
+side, then the uvicorn one (`make run`'s server) serves streaming, local
+generation and concurrency (on one of its CPU worker processes). Each script
 also runs on its own (`bench/dispatch.py --help`, ...), with its own stack.
 `switch_load` (issue 13, 7.5-10 minutes) comes last, with a stack of its
 own that it restarts under each GPU_SCHEDULE.
