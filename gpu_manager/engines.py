@@ -17,7 +17,9 @@ from typing import Callable
 
 import torch
 from tokenizers.decoders import DecodeStream
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import (
+    AutoModel, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextStreamer,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from chatsite.errors import CodedError
@@ -214,12 +216,15 @@ class LocalEngine:
         self.offloaded = False
         self.touch()
 
+    #: The transformers class that loads this kind of engine.
+    model_class = AutoModelForCausalLM
+
     def load(self) -> None:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
             # dtype "auto" keeps the checkpoint's dtype; device_map puts the
             # weights straight onto the device instead of via a cpu copy.
-            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto", device_map=self.device)
+            self.model = self.model_class.from_pretrained(self.path, dtype="auto", device_map=self.device)
         except (OSError, ValueError) as exc:
             self.model = self.tokenizer = None
             raise EngineLoadError(f"Cannot load {self.name} from {self.path}: {exc}") from exc
@@ -291,6 +296,61 @@ class LocalEngine:
             finish = "stop"
         self.touch()
         return GenerationResult("".join(relay.parts), prompt_tokens, completion_tokens, finish)
+
+
+class EmbeddingEngine(LocalEngine):
+    """An embedding model (admin kind "embedding", issue 15): loaded,
+    arbitrated and unloaded like a chat engine (the same memory report),
+    and turning texts into vectors: the last hidden states averaged over
+    the real tokens (mean pooling, what e5- and most bge-style model cards
+    ask for; `pooling="cls"` for those that take the first token), then
+    normalised to length 1, so a dot product is the cosine.
+
+    e5-style models expect "query: " and "passage: " before the text
+    (`query_prefix`, `passage_prefix`); texts longer than the model takes
+    are truncated, which the chunker avoids by counting with the same
+    tokenizer (`token_count`)."""
+
+    model_class = AutoModel
+
+    def __init__(self, *, pooling: str = "mean", query_prefix: str = "", passage_prefix: str = "", **kwargs):
+        super().__init__(**kwargs)
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be mean or cls, not {pooling!r}")
+        self.pooling = pooling
+        self.prefixes = {"query": query_prefix, "passage": passage_prefix}
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def token_count(self, text: str) -> int:
+        """Tokens the model sees for `text` (no special tokens)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str], *, kind: str = "passage", batch_size: int = 32):
+        """Vectors for `texts` (a float32 numpy array, one row each, of norm 1);
+        `kind`: "query" or "passage" (its prefix)."""
+        if not self.loaded:
+            raise RuntimeError(f"{self.name} is not loaded")
+        self.touch()
+        prefix = self.prefixes[kind]
+        rows = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer([prefix + t for t in texts[start:start + batch_size]], padding=True,
+                                   truncation=True, return_tensors="pt").to(self.model.device)
+            hidden = self.model(**batch).last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+            rows.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        self.touch()
+        if not rows:
+            return torch.empty((0, self.dimension)).numpy()
+        return torch.cat(rows).numpy()
 
 
 def _holders(obj) -> list[str]:
