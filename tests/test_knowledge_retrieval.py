@@ -115,3 +115,16 @@ def test_chunks_are_cut_at_paragraphs_then_sentence_ends_within_the_size_with_ov
     for before, after in zip(chunks, chunks[1:]):
         assert before.split()[-5:] == after.split()[:5]  # each starts with the tail of the one before
     assert " ".join(dict.fromkeys(w for c in chunks for w in c.split())) == long
+
+
+def test_an_index_saved_and_loaded_answers_the_same_and_is_never_half_written(corpus, tmp_path):
+    _, index = corpus
+    saved = index.save(tmp_path / "kb-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kb-1"]  # the staging directory is gone
+    again = Index.load(saved)
+    assert again.model == MODEL and len(again) == len(index) and again.dimension == DIMENSION
+    for q in SET["questions"][::7]:
+        assert again.search(q["q"], embed(q["q"]), model=MODEL) == index.search(q["q"], embed(q["q"]), model=MODEL)
+    with pytest.raises(OSError):  # an index is never written over: a new one goes beside it
+        index.save(saved)
+    assert Index.load(saved).search("tides", embed("tides"), model=MODEL)

@@ -15,7 +15,12 @@ being compared with vectors it does not share a space with.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import bm25s
 import numpy as np
@@ -64,6 +69,39 @@ class Index:
         # shift every position after it: each chunk has at least one token.
         retriever.index([lexical_tokens(t) or ["\x00"] for t in texts], show_progress=False)
         return cls(model=model, vectors=_normalised(vectors), bm25=retriever)
+
+    # --- the embedded store (docs/knowledge.md: measured against Qdrant) ---
+
+    #: Written last: a directory without it is not an index.
+    META = "index.json"
+
+    def save(self, path: Path) -> Path:
+        """Write the index to `path` (a new directory, built beside it and
+        renamed into place: never half written; an index is never changed,
+        a new model or new documents make a new one)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            np.save(staging / "vectors.npy", self.vectors)
+            self.bm25.save(staging / "bm25", show_progress=False)
+            (staging / self.META).write_text(json.dumps(
+                {"model": self.model, "dimension": self.dimension, "chunks": len(self)}))
+            os.rename(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "Index":
+        path = Path(path)
+        meta = json.loads((path / cls.META).read_text())
+        vectors = np.load(path / "vectors.npy")
+        if vectors.shape != (meta["chunks"], meta["dimension"]):
+            raise IndexMismatch(f"{path}: vectors of shape {vectors.shape}, the index says "
+                                f"{meta['chunks']} x {meta['dimension']}")
+        return cls(model=meta["model"], vectors=vectors,
+                   bm25=bm25s.BM25.load(path / "bm25", show_progress=False))
 
     # --- the two halves and their fusion ---------------------------------
 
