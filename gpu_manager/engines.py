@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import time
 import types
 import weakref
@@ -18,7 +19,8 @@ from typing import Callable
 import torch
 from tokenizers.decoders import DecodeStream
 from transformers import (
-    AutoModel, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextStreamer,
+    AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList,
+    TextStreamer,
 )
 from transformers.generation.streamers import BaseStreamer
 
@@ -351,6 +353,66 @@ class EmbeddingEngine(LocalEngine):
         if not rows:
             return torch.empty((0, self.dimension)).numpy()
         return torch.cat(rows).numpy()
+
+
+class TranslationUnsupported(CodedError):
+    code = "translation_unsupported"
+
+
+#: CONTRACT §9's targets, and the language codes multilingual models use.
+TRANSLATION_TARGETS = {"en": "en", "zh-hans": "zh"}
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+class TranslationEngine(LocalEngine):
+    """A translation model (admin kind "translation", issue 15):
+    `AutoModelForSeq2SeqLM`, loaded and unloaded like a chat engine. One
+    adapter for both families: a multilingual model (M2M100-style: its
+    tokenizer has language codes, `get_lang_id`) is told the source
+    language (from the text: Chinese if it has Han characters) and forced to
+    start in the target's; a one-direction model (Marian / opus-mt) serves
+    the one target it was configured with (`targets`).
+
+    Paragraphs are translated one by one (greedy), each at most the
+    model's input length: a long message is not cut at the model's limit."""
+
+    model_class = AutoModelForSeq2SeqLM
+
+    def __init__(self, *, targets: tuple[str, ...] = tuple(TRANSLATION_TARGETS), **kwargs):
+        super().__init__(**kwargs)
+        unknown = set(targets) - set(TRANSLATION_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown translation targets {sorted(unknown)}")
+        self.targets = tuple(targets)
+
+    @property
+    def multilingual(self) -> bool:
+        return hasattr(self.tokenizer, "get_lang_id")
+
+    def serves(self, target: str) -> bool:
+        return target in TRANSLATION_TARGETS and (self.multilingual or target in self.targets)
+
+    @torch.inference_mode()
+    def translate(self, text: str, *, target: str) -> str:
+        if not self.loaded:
+            raise RuntimeError(f"{self.name} is not loaded")
+        if not self.serves(target):
+            raise TranslationUnsupported(f"{self.name} does not translate into {target}")
+        self.touch()
+        out = [self._paragraph(p, target) if p.strip() else p for p in text.split("\n")]
+        self.touch()
+        return "\n".join(out)
+
+    def _paragraph(self, text: str, target: str) -> str:
+        options = {}
+        if self.multilingual:
+            self.tokenizer.src_lang = "zh" if _HAN.search(text) else "en"
+            options["forced_bos_token_id"] = self.tokenizer.get_lang_id(TRANSLATION_TARGETS[target])
+        inputs = self.tokenizer(text, return_tensors="pt", truncation=True).to(self.model.device)
+        # A translation is rarely more than twice its source in tokens.
+        limit = min(self.tokenizer.model_max_length, 2 * inputs["input_ids"].shape[1] + 8)
+        output = self.model.generate(**inputs, max_new_tokens=limit, num_beams=1, do_sample=False, **options)
+        return self.tokenizer.decode(output[0], skip_special_tokens=True).strip()
 
 
 def _holders(obj) -> list[str]:
