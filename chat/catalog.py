@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.core.cache import caches
 from django.db import connection, transaction
+from redis.exceptions import RedisError
 
 from chat.models import ModelConfig, ModelKind
 from chatsite.errors import CodedError
@@ -205,6 +206,17 @@ def catalog_changed(**_) -> None:
 def _version_move() -> None:
     redis_client().incr(VERSION_KEY)
     _memo.forget()
+
+
+def catalog_flushed(**_) -> None:
+    """After a migrate or a flush (post_migrate: chat/apps.py), which change
+    rows without their signals (a flush deletes every row). A migrate may
+    run with no Redis up (`make setup`): then no process holds a memo to
+    drop but this one."""
+    try:
+        _version_move()
+    except RedisError:
+        _memo.forget()
 
 
 def catalog_forget() -> None:
