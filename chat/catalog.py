@@ -131,9 +131,11 @@ def _cache_key(endpoint: Endpoint) -> str:
     return f"catalog:{digest}"
 
 
-def endpoint_models(endpoint: Endpoint) -> list[str]:
-    """Model names the endpoint offers now; raises EndpointDown."""
-    cached = _memo.discovery(endpoint)
+def endpoint_models(endpoint: Endpoint, *, memo: bool = False) -> list[str]:
+    """Model names the endpoint offers now; raises EndpointDown. `memo`:
+    from this process's memo when it has them (only after `_memo.endpoints()`
+    checked the catalog's version: a message's model, `_resolve_remote`)."""
+    cached = _memo.discovery(endpoint) if memo else None
     if cached is None:
         cached = _discoveries().get(_cache_key(endpoint))
     if cached is None:
@@ -147,7 +149,8 @@ def endpoint_models(endpoint: Endpoint) -> list[str]:
             cached = {"ok": False, "models": [], "detail": str(exc)}
         cached["until"] = time.time() + settings.MODEL_DISCOVERY_TTL
         _discoveries().set(_cache_key(endpoint), cached, timeout=settings.MODEL_DISCOVERY_TTL)
-    _memo.discovery_keep(endpoint, cached)
+    if memo:
+        _memo.discovery_keep(endpoint, cached)
     if not cached["ok"]:
         raise EndpointDown(cached["detail"])
     return cached["models"]
@@ -263,7 +266,7 @@ def _resolve_remote(kind: str, upstream: str) -> ModelChoice:
     down = []
     for endpoint in (e for e in _memo.endpoints() if e.kind == kind):
         try:
-            if upstream in endpoint_models(endpoint):
+            if upstream in endpoint_models(endpoint, memo=True):
                 return _remote_choice(endpoint, upstream)
         except EndpointDown as exc:
             down.append(str(exc))

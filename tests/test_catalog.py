@@ -1,6 +1,8 @@
 """The model catalog's per-process memo (chat/catalog.py): a message's
 model is resolved without a query once known, and an endpoint row saved in
 any process is seen by every process at its next message."""
+import time
+
 import pytest
 
 from chat import catalog
@@ -60,3 +62,27 @@ def test_a_flush_which_deletes_rows_without_their_signals_is_seen_too(stack):
     assert [e for e in other.endpoints() if e.kind == "ollama"] == []
     call_command("flush", verbosity=0, interactive=False)
     assert [e.base_url for e in other.endpoints() if e.kind == "ollama"] == [stack.ollama.url]
+
+
+def test_the_model_list_reads_the_shared_discoveries_not_a_memo(stack):
+    """A page's model list (catalog_list) does not check the catalog's
+    version: it reads the shared cache, so `catalog_forget` shows an
+    endpoint gone down at once, even where a message's model was memoized."""
+    from chat.catalog import catalog_list
+
+    catalog_forget()
+    assert model_resolve("ollama_qwen:7b").upstream == "qwen:7b"  # memoized, discovery included
+    url = stack.ollama.url
+    stack.ollama.stop()
+    try:
+        catalog_forget()
+        # What a process that memoized the model before the forget still holds.
+        catalog._memo.endpoints()
+        endpoint = next(e for e in catalog.endpoints() if e.kind == "ollama")
+        catalog._memo.discovery_keep(endpoint, {"ok": True, "models": ["qwen:7b"], "detail": "",
+                                                "until": time.time() + 60})
+        _, errors = catalog_list()
+        assert [e["endpoint"] for e in errors] == [url]
+    finally:
+        stack.ollama.start()
+        catalog_forget()
