@@ -7,10 +7,8 @@ Real users point the admin at a real embedding model's directory (e.g.
 intfloat/multilingual-e5-small): the engine loads either the same way.
 """
 import pathlib
-import shutil
-import tempfile
 
-from gpu_manager.demo_model import _is_complete, _move_into_place
+from gpu_manager.demo_model import pretrained_dir_create
 
 DEMO_EMBEDDER_NAME = "embed_demo"
 
@@ -34,19 +32,8 @@ _VOCAB_SIZE = 512
 def demo_embedder_create(*, path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Make sure a complete demo embedder lives at `path` and return it
     (built beside it and renamed into place, as the demo chat model is)."""
-    path = pathlib.Path(path)
-    if _is_complete(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.build-", dir=path.parent))
-    try:
-        tokenizer = _tokenizer_build()
-        _model_build(tokenizer, seed=seed).save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        _move_into_place(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return pretrained_dir_create(path=path, seed=seed, tokenizer_build=_tokenizer_build,
+                                 model_build=_model_build)
 
 
 def _tokenizer_build():

@@ -101,17 +101,36 @@ def demo_model_create(*, path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     come from torch.manual_seed(seed); in the practically impossible case
     that they end a probe reply early, the next seed is used.
     """
+    return model_dir_create(path=path, build=lambda staging: _build(staging, seed=seed))
+
+
+def model_dir_create(*, path: pathlib.Path, build) -> pathlib.Path:
+    """Make sure a complete model directory lives at `path`: when it does
+    not, `build(staging)` writes one into a sibling temporary directory,
+    which is then renamed into place (the demo models: this one,
+    demo_embedder, demo_translator)."""
     path = pathlib.Path(path)
     if _is_complete(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.build-", dir=path.parent))
     try:
-        _build(staging, seed=seed)
+        build(staging)
         _move_into_place(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def pretrained_dir_create(*, path: pathlib.Path, seed: int, tokenizer_build, model_build) -> pathlib.Path:
+    """`model_dir_create` for a tokenizer and a model made from it
+    (`model_build(tokenizer, seed=seed)`), both saved with save_pretrained."""
+    def build(staging: pathlib.Path) -> None:
+        tokenizer = tokenizer_build()
+        model_build(tokenizer, seed=seed).save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+    return model_dir_create(path=path, build=build)
 
 
 def _is_complete(path: pathlib.Path) -> bool:

@@ -6,10 +6,8 @@ Chinese lines. Its translations are random words, but it exercises the
 translation engine's whole path (load, translate, unload) with no download.
 """
 import pathlib
-import shutil
-import tempfile
 
-from gpu_manager.demo_model import _is_complete, _move_into_place
+from gpu_manager.demo_model import pretrained_dir_create
 
 DEMO_TRANSLATOR_NAME = "translate_demo"
 
@@ -26,19 +24,8 @@ _VOCAB_SIZE = 400
 def demo_translator_create(*, path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Make sure a complete demo translator lives at `path` and return it
     (built beside it and renamed into place, as the demo chat model is)."""
-    path = pathlib.Path(path)
-    if _is_complete(path):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.build-", dir=path.parent))
-    try:
-        tokenizer = _tokenizer_build()
-        _model_build(tokenizer, seed=seed).save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        _move_into_place(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return pretrained_dir_create(path=path, seed=seed, tokenizer_build=_tokenizer_build,
+                                 model_build=_model_build)
 
 
 def _tokenizer_build():

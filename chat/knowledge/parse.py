@@ -61,12 +61,11 @@ def _pdf_text(filename: str, data: bytes) -> str:
 
     try:
         reader = PdfReader(io.BytesIO(data))
-        if reader.is_encrypted:
-            raise EncryptedDocument(f"{filename}: the PDF is encrypted; add it without the password")
-        pages = [page.extract_text() or "" for page in reader.pages]
-    except DocumentError:
-        raise
+        encrypted = reader.is_encrypted
+        pages = [] if encrypted else [page.extract_text() or "" for page in reader.pages]
     except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
         raise DocumentError(f"{filename}: not a readable PDF ({type(exc).__name__}: {exc})") from None
+    if encrypted:
+        raise EncryptedDocument(f"{filename}: the PDF is encrypted; add it without the password")
     # Pages as paragraphs: the chunker cuts there first.
     return "\n\n".join(p.strip() for p in pages if p.strip())

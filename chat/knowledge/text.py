@@ -50,17 +50,19 @@ def chunk_text(text: str, *, count: Callable[[str], int], size: int = 400, overl
     pieces = [(p, count(p)) for p in _pieces(text, count, size, 0) if p.strip()]
     chunks: list[str] = []
     current: list[tuple[str, int]] = []
-    for piece in pieces:
-        if current and sum(n for _, n in current) + piece[1] > size:
+    total = 0  # the tokens in `current`
+    for piece, tokens in pieces:
+        if current and total + tokens > size:
             chunks.append("".join(p for p, _ in current).strip())
-            # The next chunk starts with the tail of this one, up to `overlap`.
-            tail: list[tuple[str, int]] = []
-            for p in reversed(current):
-                if sum(n for _, n in tail) + p[1] > overlap or sum(n for _, n in tail) + p[1] + piece[1] > size:
-                    break
-                tail.insert(0, p)
-            current = tail
-        current.append(piece)
+            # The next chunk starts with the tail of this one, up to
+            # `overlap`, leaving room for the piece that did not fit.
+            kept, total = 0, 0
+            while kept < len(current) and total + current[-1 - kept][1] <= min(overlap, size - tokens):
+                total += current[-1 - kept][1]
+                kept += 1
+            current = current[len(current) - kept:]
+        current.append((piece, tokens))
+        total += tokens
     if current:
         chunks.append("".join(p for p, _ in current).strip())
     return [c for c in chunks if c]
