@@ -6,7 +6,7 @@ from django.utils.translation import gettext_lazy as _
 
 from chat import selectors
 from chat.catalog import catalog_forget
-from chat.models import Conversation, Message, ModelConfig
+from chat.models import Conversation, KnowledgeBase, KnowledgeDocument, Message, ModelConfig, Translation
 
 
 class ModelConfigForm(forms.ModelForm):
@@ -20,10 +20,16 @@ class ModelConfigForm(forms.ModelForm):
     # Ollama and most self-hosted endpoints speak plain http on a LAN.
     base_url = forms.URLField(required=False, assume_scheme="http")
     clear_api_key = forms.BooleanField(required=False, label="Remove the stored API key")
+    # Only embedding models use it: a form for any other kind may leave it out.
+    pooling = forms.ChoiceField(required=False, choices=ModelConfig._meta.get_field("pooling").choices,
+                                help_text=ModelConfig._meta.get_field("pooling").help_text)
 
     class Meta:
         model = ModelConfig
         fields = "__all__"
+
+    def clean_pooling(self) -> str:
+        return self.cleaned_data.get("pooling") or "mean"
 
     def clean_api_key(self) -> str:
         new = self.cleaned_data.get("api_key", "")
@@ -41,7 +47,7 @@ class ModelConfigAdmin(admin.ModelAdmin):
     fields = (
         "kind", "name", "enabled", "is_default", "path", "base_url", "api_key", "clear_api_key",
         "frees_gpu", "keep_alive", "preload", "warm_offload", "max_new_tokens", "temperature", "top_p",
-        "discovered_models",
+        "pooling", "query_prefix", "passage_prefix", "targets", "discovered_models",
     )
     readonly_fields = ("discovered_models",)
     actions = ["test_connection"]
@@ -141,3 +147,47 @@ class MessageAdmin(ReadOnlyAdmin):
     @admin.display(description=_("user"), ordering="conversation__user")
     def user(self, obj: Message):
         return obj.conversation.user
+
+
+# --- knowledge bases (issue 15): staff see every base ---------------------------
+
+class KnowledgeDocumentInline(admin.TabularInline):
+    model = KnowledgeDocument
+    fields = ("name", "size", "status", "chunk_count", "error_code", "error")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False  # files come through the page or /api/knowledge/, which index them
+
+
+@admin.register(KnowledgeBase)
+class KnowledgeBaseAdmin(admin.ModelAdmin):
+    list_display = ("name", "user", "status", "chunk_count", "embedding_model", "dimension", "created_at")
+    list_filter = ("status", "embedding_model")
+    search_fields = ("name", "user__username")
+    readonly_fields = ("user", "status", "embedding_model", "dimension", "index_path", "chunk_count", "error",
+                       "created_at", "updated_at")
+    fields = ("name", *readonly_fields)
+    inlines = [KnowledgeDocumentInline]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def delete_model(self, request, obj) -> None:
+        from chat.knowledge.bases import base_delete
+
+        base_delete(base=obj)
+
+    def delete_queryset(self, request, queryset) -> None:
+        from chat.knowledge.bases import base_delete
+
+        for base in queryset:
+            base_delete(base=base)
+
+
+@admin.register(Translation)
+class TranslationAdmin(ReadOnlyAdmin):
+    list_display = ("message", "target", "engine", "device", "seconds", "created_at")
+    list_filter = ("target", "engine")

@@ -9,7 +9,7 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.views.decorators.http import require_http_methods
 
-from chat.models import ModelConfig, ModelKind
+from chat.models import LOCAL_KINDS, ModelConfig
 from chat.selectors import gpu_status
 from chatsite import queues
 from chatsite.celery import app
@@ -24,7 +24,7 @@ def gpu_page(request: HttpRequest) -> HttpResponse:
             messages.info(request, "Unloading every local model: queued behind the messages already waiting.")
         elif action == "load":
             name = request.POST.get("model", "")
-            if not ModelConfig.objects.filter(kind=ModelKind.LOCAL, enabled=True, name=name).exists():
+            if not ModelConfig.objects.filter(kind__in=LOCAL_KINDS, enabled=True, name=name).exists():
                 messages.error(request, f"No enabled local model is named {name!r}.")
             else:
                 app.signature(queues.GPU_LOAD, args=(name,)).apply_async()
@@ -38,6 +38,6 @@ def gpu_page(request: HttpRequest) -> HttpResponse:
         "title": "GPU",
         "slots": status["slots"],
         "events": list(reversed(status["events"])),
-        "local_models": ModelConfig.objects.filter(kind=ModelKind.LOCAL, enabled=True).values_list("name", flat=True),
+        "local_models": ModelConfig.objects.filter(kind__in=LOCAL_KINDS, enabled=True).values_list("name", flat=True),
     }
     return TemplateResponse(request, "admin/gpu.html", context)

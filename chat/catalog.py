@@ -26,7 +26,8 @@ from django.core.cache import caches
 from django.db import connection, transaction
 from redis.exceptions import RedisError
 
-from chat.models import ModelConfig, ModelKind
+from chat.models import ENDPOINT_KINDS, ENGINE_OF_KIND, LOCAL_KINDS, ModelConfig, ModelKind
+from gpu_manager.state import LocalSpec
 from chatsite.errors import CodedError
 from chatsite.openai_client import OpenAIEndpointError, openai_models
 from chatsite.ollama_client import OllamaError, ollama_tags
@@ -99,7 +100,7 @@ def endpoints() -> list[Endpoint]:
     found = [
         Endpoint(kind=c.kind, base_url=c.base_url.rstrip("/"), api_key=c.api_key,
                  frees_gpu=c.frees_gpu, generation=c.generation_defaults())
-        for c in ModelConfig.objects.filter(enabled=True).exclude(kind=ModelKind.LOCAL)
+        for c in ModelConfig.objects.filter(enabled=True, kind__in=ENDPOINT_KINDS)
     ]
     known = {(e.kind, e.base_url) for e in found}
     configured = {
@@ -107,7 +108,7 @@ def endpoints() -> list[Endpoint]:
         ModelKind.OPENAI: (settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY),
     }
     disabled = set(
-        ModelConfig.objects.filter(enabled=False).exclude(kind=ModelKind.LOCAL).values_list("kind", "base_url")
+        ModelConfig.objects.filter(enabled=False, kind__in=ENDPOINT_KINDS).values_list("kind", "base_url")
     )
     for kind, (url, key) in configured.items():
         url = url.rstrip("/")
@@ -258,7 +259,8 @@ def model_resolve(name: str) -> ModelChoice:
 
 
 def default_model_name() -> str | None:
-    config = ModelConfig.objects.filter(enabled=True, is_default=True).first()
+    config = ModelConfig.objects.filter(enabled=True, is_default=True, kind__in=(
+        ModelKind.LOCAL, *ENDPOINT_KINDS)).first()
     return config.name if config and config.kind == ModelKind.LOCAL else None
 
 
@@ -286,3 +288,40 @@ def _remote_choice(endpoint: Endpoint, upstream: str) -> ModelChoice:
         base_url=endpoint.base_url, api_key=endpoint.api_key, frees_gpu=endpoint.frees_gpu,
         generation=endpoint.generation,
     )
+
+
+# --- local engines, as the GPU manager sees them --------------------------------
+
+def local_spec(name: str, *, config: ModelConfig | None = None) -> LocalSpec:
+    """What the GPU manager needs to load a local model of any kind (chat,
+    embedding, translation) from its admin row. ModelConfig.DoesNotExist
+    when there is none."""
+    if config is None:
+        config = ModelConfig.objects.get(kind__in=LOCAL_KINDS, name=name)
+    options: tuple = ()
+    if config.kind == ModelKind.EMBEDDING:
+        options = (("pooling", config.pooling), ("query_prefix", config.query_prefix),
+                   ("passage_prefix", config.passage_prefix))
+    elif config.kind == ModelKind.TRANSLATION and config.target_list():
+        options = (("targets", tuple(config.target_list())),)
+    return LocalSpec(name=config.name, path=config.path, keep_alive=float(config.keep_alive),
+                     warm_offload=config.warm_offload, engine=ENGINE_OF_KIND[config.kind], options=options)
+
+
+def local_specs_preload() -> list[LocalSpec]:
+    """The local models loaded whenever the local models take the GPU back:
+    those the admin marked "preload" (the demo embedding and translation
+    engines are, so that they are resident beside the chat model)."""
+    return [local_spec(c.name, config=c) for c in ModelConfig.objects.filter(
+        kind__in=LOCAL_KINDS, enabled=True, preload=True)]
+
+
+def local_engine_config(kind: str, *, target: str | None = None) -> ModelConfig | None:
+    """The enabled model of a local engine kind (embedding, translation)
+    to use: the default one first, then by name; for translation, one that
+    serves `target` (a multilingual model serves every target)."""
+    configs = ModelConfig.objects.filter(kind=kind, enabled=True).order_by("-is_default", "name")
+    for config in configs:
+        if target is None or not config.target_list() or target in config.target_list():
+            return config
+    return None

@@ -10,6 +10,7 @@ from chat.jsonbody import BadJson, json_object
 from chat.dispatch import queued_frame
 from chat.relay import message_group
 from chat.services import ChatInputError
+from chat.translations import translation_request
 from chatsite.errors import CodedError
 
 #: Close code for an anonymous socket (CONTRACT §4), after the HTTP 401 it mirrors.
@@ -18,7 +19,7 @@ CLIENT_ID_MAX = 100
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
-    HANDLERS = {"chat.send": "chat_send", "chat.cancel": "chat_cancel"}
+    HANDLERS = {"chat.send": "chat_send", "chat.cancel": "chat_cancel", "message.translate": "message_translate"}
 
     async def connect(self) -> None:
         self.user = self.scope.get("user")
@@ -72,7 +73,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
         reply = await database_sync_to_async(services.message_enqueue)(
             user=self.user, model=model, content=content, conversation_id=conversation, client_id=client_id,
-            subscribe=subscribe,
+            subscribe=subscribe, knowledge=frame.get("knowledge"),
         )
         await self.send_json({"type": "chat.accepted", "client_id": client_id,
                               "conversation": reply.conversation_id, "message": reply.pk})
@@ -88,7 +89,30 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             raise ChatInputError("bad_frame", "`message` must be a message id.")
         await database_sync_to_async(services.message_cancel)(user=self.user, message_id=message_id)
 
+    async def message_translate(self, frame: dict) -> None:
+        """CONTRACT §9: the stored translation at once, or, once it is done,
+        `message.translation` through the message's group (joined first)."""
+        message_id = frame.get("message")
+        if isinstance(message_id, int) and not isinstance(message_id, bool):
+            await self.channel_layer.group_add(message_group(message_id), self.channel_name)
+        try:
+            stored = await database_sync_to_async(translation_request)(
+                user=self.user, message_id=message_id, target=frame.get("target"))
+        except CodedError as exc:
+            await self.send_json({"type": "chat.error", "message": message_id if isinstance(message_id, int)
+                                  and not isinstance(message_id, bool) else None,
+                                  "code": exc.code, "detail": exc.detail})
+            return
+        if stored is not None:
+            await self.send_json(stored)
+
     # --- events from the channel layer: each is already a client frame -----
+
+    async def chat_sources(self, event: dict) -> None:
+        await self.send_json(event)
+
+    async def message_translation(self, event: dict) -> None:
+        await self.send_json(event)
 
     async def chat_delta(self, event: dict) -> None:
         await self.send_json(event)

@@ -106,7 +106,8 @@ def queue_depth(queue: str) -> int:
 
 # --- dispatch and the ledger ----------------------------------------------------
 
-def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | None = None) -> Admission | None:
+def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | None = None,
+                     retrieve: bool = False) -> Admission | None:
     """Queue the work for a reply, and note it in the ledger.
 
     A request for a GPU (a local model, or an external model that needs
@@ -119,6 +120,9 @@ def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | No
     `gpu_busy` and its estimate. The caller shows a waiting request its
     place (`queued_frame`).
 
+    `retrieve`: the reply draws on knowledge bases and has no sources yet:
+    its first step is their retrieval, on the knowledge worker.
+
     `priority` (batch lines: settings.BATCH_PRIORITY) goes on every step
     and ranks the line behind interactive work in the scheduler. A broker
     that refuses ends the reply with `queue_unavailable`: it must not sit
@@ -128,6 +132,13 @@ def message_dispatch(*, message_id: int, choice: ModelChoice, priority: int | No
     admission = None
     try:
         redis_client().hset(DISPATCHED_KEY, str(message_id), f"{time.time():.3f}")
+        if retrieve:
+            # The knowledge worker finds the passages, then dispatches the
+            # reply again without `retrieve` (chat/knowledge/retrieve.py).
+            kwargs = {"choice": choice.as_task_kwargs(), "priority": priority}
+            app.signature(queues.KNOWLEDGE_RETRIEVE, args=(message_id,), kwargs=kwargs,
+                          queue=queues.KNOWLEDGE_QUEUE, **options).apply_async()
+            return None
         local = choice.kind == "local"
         if local or choice.needs_gpu_owner:
             slot = slot_for_local(choice.name) if local else settings.OLLAMA_GPU_SLOT
@@ -201,14 +212,14 @@ def replies_redispatch_lost() -> list[int]:
     waiting = list(
         Message.objects.filter(role=Message.Role.ASSISTANT, status__in=[MessageStatus.QUEUED, MessageStatus.RUNNING],
                                queued_at__lt=timezone.now() - timedelta(seconds=after))
-        .values_list("pk", "model_name", "batch_line__id")[:500]
+        .values_list("pk", "model_name", "batch_line__id", "knowledge", "sources")[:500]
     )
     if not waiting:
         return []
     ledger = set(r.hkeys(DISPATCHED_KEY))
-    lost = [(pk, model, line) for pk, model, line in waiting
+    lost = [(pk, model, line, bool(knowledge) and sources is None) for pk, model, line, knowledge, sources in waiting
             if str(pk) not in ledger and reply_claim_holder(pk) is None]
-    for message_id, model_name, batch_line in lost:
+    for message_id, model_name, batch_line, retrieve in lost:
         log.warning("message %s: its task is in no queue (Redis lost it); queued again", message_id)
         try:
             choice = model_resolve(model_name)
@@ -216,7 +227,7 @@ def replies_redispatch_lost() -> list[int]:
             message_fail(message_id=message_id, code=exc.code, detail=str(exc))
             continue
         message_dispatch(message_id=message_id, choice=choice,
-                         priority=settings.BATCH_PRIORITY if batch_line else None)
+                         priority=settings.BATCH_PRIORITY if batch_line else None, retrieve=retrieve)
     return [message_id for message_id, *_ in lost]
 
 

@@ -6,9 +6,19 @@ from django.db import models
 
 
 class ModelKind(models.TextChoices):
-    LOCAL = "local", "Local (transformers)"
+    LOCAL = "local", "Local chat model (transformers)"
     OLLAMA = "ollama", "Ollama server"
     OPENAI = "openai", "OpenAI-compatible endpoint"
+    EMBEDDING = "embedding", "Local embedding model (transformers)"
+    TRANSLATION = "translation", "Local translation model (transformers)"
+
+
+#: The kinds loaded in-process by the GPU worker (a model directory each),
+#: and what the GPU manager calls each engine (gpu_manager/state.py LocalSpec).
+LOCAL_KINDS = (ModelKind.LOCAL, ModelKind.EMBEDDING, ModelKind.TRANSLATION)
+ENGINE_OF_KIND = {ModelKind.LOCAL: "chat", ModelKind.EMBEDDING: "embedding", ModelKind.TRANSLATION: "translation"}
+#: The kinds that are outside servers whose models are discovered.
+ENDPOINT_KINDS = (ModelKind.OLLAMA, ModelKind.OPENAI)
 
 
 class ModelConfig(models.Model):
@@ -19,7 +29,7 @@ class ModelConfig(models.Model):
     offered as `ollama_<tag>` / `openai_<id>` (CONTRACT §3).
     """
 
-    kind = models.CharField(max_length=10, choices=ModelKind.choices)
+    kind = models.CharField(max_length=12, choices=ModelKind.choices)
     name = models.SlugField(
         max_length=100,
         unique=True,
@@ -56,6 +66,19 @@ class ModelConfig(models.Model):
             "taking the GPU back is a copy, not a reload."
         ),
     )
+    pooling = models.CharField(
+        max_length=4, choices=[("mean", "mean of the tokens"), ("cls", "first token (CLS)")], default="mean",
+        help_text="Embedding models: what the model card asks for (mean for e5 and most bge models).",
+    )
+    query_prefix = models.CharField(
+        max_length=50, blank=True, help_text='Embedding models: put before a query (e5: "query: ").')
+    passage_prefix = models.CharField(
+        max_length=50, blank=True, help_text='Embedding models: put before a passage (e5: "passage: ").')
+    targets = models.CharField(
+        "translation targets", max_length=20, blank=True,
+        help_text=("Translation models: the target a one-direction model translates into (en or zh-hans; "
+                   "opus-mt-zh-en: en). Blank for a multilingual model (M2M100), which serves both."),
+    )
     max_new_tokens = models.PositiveIntegerField(default=512)
     temperature = models.FloatField(default=0.7)
     top_p = models.FloatField(default=0.95)
@@ -69,14 +92,20 @@ class ModelConfig(models.Model):
         return f"{self.name} ({self.kind})"
 
     def clean(self) -> None:
-        if self.kind == ModelKind.LOCAL and not self.path:
+        if self.kind in LOCAL_KINDS and not self.path:
             raise ValidationError({"path": "A local model needs its model directory."})
-        if self.kind != ModelKind.LOCAL and not self.base_url:
+        if self.kind in ENDPOINT_KINDS and not self.base_url:
             raise ValidationError({"base_url": "An endpoint needs its base URL."})
         if self.temperature < 0:
             raise ValidationError({"temperature": "Must be 0 or more."})
         if not 0 < self.top_p <= 1:
             raise ValidationError({"top_p": "Must be in (0, 1]."})
+        unknown = set(self.target_list()) - {"en", "zh-hans"}
+        if unknown:
+            raise ValidationError({"targets": f"Unknown targets {sorted(unknown)}: use en, zh-hans or both."})
+
+    def target_list(self) -> list[str]:
+        return [t for t in self.targets.replace(",", " ").split() if t]
 
     def generation_defaults(self) -> dict:
         return {
@@ -132,6 +161,10 @@ class Message(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     first_token_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    #: The knowledge bases this reply draws on (CONTRACT §8), and the
+    #: passages retrieved for it: null until retrieval ran ([] when none matched).
+    knowledge = models.JSONField(null=True, blank=True)
+    sources = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -288,3 +321,93 @@ class BatchLine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.batch_id} line {self.line} ({self.state})"
+
+
+# --- Knowledge bases and translations (CONTRACT §8, §9; issue 15) ------------
+
+class KnowledgeStatus(models.TextChoices):
+    INDEXING = "indexing"
+    READY = "ready"
+    ERROR = "error"
+
+
+class KnowledgeBase(models.Model):
+    """A user's set of documents, searchable by a reply. Its chunks live in
+    the database; its searchable index (vectors and BM25) on disk, under
+    KNOWLEDGE_DIR, built by the knowledge worker (chat/knowledge/ingest.py)
+    with one embedding model, which the index records."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="knowledge_bases")
+    name = models.CharField(max_length=200)
+    status = models.CharField(max_length=10, choices=KnowledgeStatus.choices, default=KnowledgeStatus.INDEXING)
+    #: The embedding model (a ModelConfig name) and dimension of the index.
+    embedding_model = models.CharField(max_length=100, blank=True)
+    dimension = models.PositiveIntegerField(default=0)
+    #: The current index's directory (relative to KNOWLEDGE_DIR); "" before the first.
+    index_path = models.CharField(max_length=300, blank=True)
+    chunk_count = models.PositiveIntegerField("chunks", default=0)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "knowledge base"
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.user}, {self.status})"
+
+
+class KnowledgeDocument(models.Model):
+    """One uploaded file of a base. Its bytes are kept until it is indexed
+    (or failed); its chunks (KnowledgeChunk) appear only with the index that
+    holds them: nothing is half indexed."""
+
+    base = models.ForeignKey(KnowledgeBase, on_delete=models.CASCADE, related_name="documents")
+    name = models.CharField(max_length=255)
+    size = models.PositiveBigIntegerField(default=0)
+    data = models.BinaryField(blank=True, editable=False)
+    status = models.CharField(max_length=10, choices=KnowledgeStatus.choices, default=KnowledgeStatus.INDEXING)
+    error_code = models.CharField(max_length=50, blank=True)
+    error = models.TextField(blank=True)
+    #: 0..1 while it is indexed.
+    progress = models.FloatField(default=0.0)
+    chunk_count = models.PositiveIntegerField("chunks", default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.status})"
+
+
+class KnowledgeChunk(models.Model):
+    """A passage of a document, as it is embedded and shown as a source.
+    `position`: its row in the base's current index."""
+
+    base = models.ForeignKey(KnowledgeBase, on_delete=models.CASCADE, related_name="chunks")
+    document = models.ForeignKey(KnowledgeDocument, on_delete=models.CASCADE, related_name="chunks")
+    seq = models.PositiveIntegerField()
+    position = models.PositiveIntegerField()
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["base", "position"]
+        constraints = [models.UniqueConstraint(fields=["base", "position"], name="knowledge_chunk_position")]
+
+
+class Translation(models.Model):
+    """A message translated (CONTRACT §9): computed once per target."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="translations")
+    target = models.CharField(max_length=10)
+    text = models.TextField()
+    engine = models.CharField(max_length=100)
+    device = models.CharField(max_length=20, blank=True)
+    seconds = models.FloatField(default=0.0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["message", "target"], name="translation_once")]

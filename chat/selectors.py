@@ -6,7 +6,8 @@ from pathlib import Path
 from django.conf import settings
 
 from chat.catalog import PREFIXES, catalog_list, default_model_name
-from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus, ModelConfig, ModelKind
+from chat.models import LOCAL_KINDS, FINISHED_STATUSES, Conversation, Message, MessageStatus, ModelConfig, ModelKind
+from chat.translations import translations_of
 from chatsite.openai_client import OpenAIEndpointError, openai_models
 from chatsite.ollama_client import OllamaError, ollama_tags
 from gpu_manager.scheduler import slot_scheduler
@@ -94,7 +95,9 @@ def conversation_get(*, user, conversation_id: int) -> Conversation:
 def conversation_messages(*, conversation: Conversation) -> list[dict]:
     messages = list(conversation.messages.order_by("pk"))
     positions = queue_positions(message_ids=[m.pk for m in messages if m.status == MessageStatus.QUEUED])
-    return [message_public(m, queue_position=positions.get(m.pk)) for m in messages]
+    translations = translations_of([m.pk for m in messages])
+    return [message_public(m, queue_position=positions.get(m.pk), translations=translations.get(m.pk, {}))
+            for m in messages]
 
 
 def message_get(*, user, message_id: int) -> Message:
@@ -119,7 +122,8 @@ def queue_positions(*, message_ids: list[int]) -> dict[int, int]:
     return {mid: sum(1 for pk in ahead if pk < mid) for mid in message_ids}
 
 
-def message_public(message: Message, *, queue_position: int | None = None) -> dict:
+def message_public(message: Message, *, queue_position: int | None = None,
+                   translations: dict | None = None) -> dict:
     """One message as the chat page shows it, with the figures under a reply:
     time to first token (from the moment it was sent, so queueing and any GPU
     switch count, as the user felt them) and tokens per second while it
@@ -151,6 +155,11 @@ def message_public(message: Message, *, queue_position: int | None = None) -> di
         "ttft_seconds": ttft,
         "tokens_per_second": tps,
         "queue_position": queue_position,
+        # CONTRACT §8 and §9: the passages the reply drew on, and its translations.
+        "knowledge": message.knowledge or [],
+        "sources": message.sources or [],
+        "translations": translations if translations is not None else translations_of([message.pk]).get(
+            message.pk, {}),
     }
 
 
@@ -161,7 +170,7 @@ def model_config_probe(*, config: ModelConfig) -> dict:
     catalog's cache: {"ok", "detail", "models"}. A local model's directory is
     checked on disk (loading it is the GPU worker's business, not the web
     process's); an endpoint is asked for its model list."""
-    if config.kind == ModelKind.LOCAL:
+    if config.kind in LOCAL_KINDS:
         path = Path(config.path)
         if not (path / "config.json").is_file():
             return {"ok": False, "detail": f"{path} has no config.json: not a model directory", "models": []}

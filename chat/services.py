@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from chat.catalog import CatalogError, ModelChoice, model_resolve
 from chat.dispatch import cancel_request, message_cancel_queued, message_dispatch
+from chat.knowledge.bases import KnowledgeInputError, bases_usable
 from chat.models import FINISHED_STATUSES, Conversation, Message, MessageStatus
 from chat.ratelimit import RateLimited, message_rate_check
 from chatsite.errors import CodedError
@@ -52,7 +53,7 @@ def message_admissible(*, user, model: str, content: str, priority: int | None =
 def message_enqueue(
     *, user, model: str, content: str, conversation_id: int | None, client_id: str = "",
     subscribe: Callable[[int], None] | None = None, priority: int | None = None,
-    choice: ModelChoice | None = None,
+    choice: ModelChoice | None = None, knowledge: list[int] | None = None,
 ) -> Message:
     """Store a user turn and its pending reply, and queue the work after the
     transaction commits (a worker must find the rows it is given).
@@ -62,10 +63,16 @@ def message_enqueue(
     `priority`: see `message_dispatch`. `choice`: the caller ran
     `message_admissible` already. The reply returned carries the GPU
     scheduler's answer as `reply.admission` (None: no GPU involved, or the
-    commit is not over yet, inside an outer transaction).
+    commit is not over yet, inside an outer transaction). `knowledge`: the
+    ids of the user's knowledge bases the reply draws on (CONTRACT §8):
+    each must be the user's and ready, or nothing is stored.
     """
     if choice is None:
         choice = message_admissible(user=user, model=model, content=content, priority=priority)
+    try:
+        knowledge = bases_usable(user=user, ids=knowledge)
+    except KnowledgeInputError as exc:
+        raise ChatInputError(exc.code, exc.detail) from exc
     with transaction.atomic():
         if conversation_id is not None:
             conversation = Conversation.objects.filter(pk=conversation_id, user=user).first()
@@ -83,7 +90,7 @@ def message_enqueue(
                                model_name=choice.name, client_id=client_id, queued_at=now, finished_at=now)
         reply = Message.objects.create(conversation=conversation, role=Message.Role.ASSISTANT,
                                        model_name=choice.name, client_id=client_id,
-                                       status=MessageStatus.QUEUED, queued_at=now)
+                                       status=MessageStatus.QUEUED, queued_at=now, knowledge=knowledge or None)
         reply.admission = None
 
         def after_commit() -> None:
@@ -91,7 +98,8 @@ def message_enqueue(
                 if subscribe:
                     subscribe(reply.pk)
             finally:
-                reply.admission = message_dispatch(message_id=reply.pk, choice=choice, priority=priority)
+                reply.admission = message_dispatch(message_id=reply.pk, choice=choice, priority=priority,
+                                                   retrieve=bool(knowledge))
 
         transaction.on_commit(after_commit)
     return reply

@@ -5,11 +5,16 @@ name, so the web process imports no task module) and the workers
 Queues:
 - `gpu.<slot>`: one per GPU, consumed by that GPU's one solo worker
   (chat/dispatch.py picks the slot of each message);
-- `cpu`: the CPU workers (external generations, batch bookkeeping).
+- `cpu`: the CPU workers (external generations, batch bookkeeping);
+- `knowledge`: the knowledge worker (issue 15): ingestion, a reply's
+  retrieval, and translations while the GPU is not the local models'; it
+  runs the embedding and translation models on the CPU, with the same
+  weights the GPU worker loads.
 """
 from __future__ import annotations
 
 CPU_QUEUE = "cpu"
+KNOWLEDGE_QUEUE = "knowledge"
 GPU_QUEUE_PREFIX = "gpu."
 
 
@@ -28,7 +33,11 @@ GPU_SERVE = "workers.tasks.gpu_serve"
 GPU_LOAD = "workers.tasks.gpu_load"
 GPU_UNLOAD = "workers.tasks.gpu_unload"
 GPU_UNLOAD_IDLE = "workers.tasks.gpu_unload_idle"
+GPU_TRANSLATE = "workers.tasks.gpu_translate"
 CPU_GENERATE = "workers.tasks.cpu_generate"
+KNOWLEDGE_INGEST = "workers.knowledge_tasks.knowledge_ingest"
+KNOWLEDGE_RETRIEVE = "workers.knowledge_tasks.knowledge_retrieve"
+KNOWLEDGE_TRANSLATE = "workers.knowledge_tasks.knowledge_translate"
 CPU_BATCH_ADVANCE = "workers.tasks.cpu_batch_advance"
 
 #: The tasks after which a reply may have ended (a batch line moves on).
@@ -40,3 +49,4 @@ REPLY_TASKS = frozenset({GPU_GENERATE, GPU_ACQUIRE, GPU_SERVE, CPU_GENERATE})
 #: only it imports torch.
 CPU_TASK_MODULE = "workers.cpu_tasks"
 GPU_TASK_MODULE = "workers.gpu_tasks"
+KNOWLEDGE_TASK_MODULE = "workers.knowledge_tasks"

@@ -236,6 +236,7 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ROUTES = {
     "workers.tasks.gpu_*": {"queue": queues.gpu_queue(os.environ.get("GPU_SLOT", "0"))},
     "workers.tasks.cpu_*": {"queue": queues.CPU_QUEUE},
+    "workers.knowledge_tasks.*": {"queue": queues.KNOWLEDGE_QUEUE},
 }
 CELERY_TASK_DEFAULT_QUEUE = queues.CPU_QUEUE
 # Every worker loads the CPU tasks; the GPU worker adds the GPU ones with
@@ -378,6 +379,29 @@ GPU_MAX_WAIT_SECONDS = float(os.environ.get("GPU_MAX_WAIT_SECONDS", 900.0))
 REPLY_REDISPATCH_AFTER_SECONDS = float(os.environ.get("REPLY_REDISPATCH_AFTER_SECONDS", 60.0))
 
 DEMO_MODEL_DIR = Path(os.environ.get("DEMO_MODEL_DIR", VAR_DIR / "models" / "local_demo"))
+DEMO_EMBEDDER_DIR = Path(os.environ.get("DEMO_EMBEDDER_DIR", VAR_DIR / "models" / "embed_demo"))
+DEMO_TRANSLATOR_DIR = Path(os.environ.get("DEMO_TRANSLATOR_DIR", VAR_DIR / "models" / "translate_demo"))
+
+# --- Knowledge bases and translation (CONTRACT §8, §9; docs/knowledge.md) -----
+
+#: Where the knowledge bases' indexes live (one directory per index).
+KNOWLEDGE_DIR = Path(os.environ.get("KNOWLEDGE_DIR", VAR_DIR / "knowledge"))
+#: An upload's limits: per file, and files per request.
+KNOWLEDGE_MAX_FILE_BYTES = int(os.environ.get("KNOWLEDGE_MAX_FILE_BYTES", 20 * 1024 * 1024))
+KNOWLEDGE_MAX_FILES = int(os.environ.get("KNOWLEDGE_MAX_FILES", 20))
+#: Bases one message may draw on.
+KNOWLEDGE_MAX_BASES = int(os.environ.get("KNOWLEDGE_MAX_BASES", 5))
+#: Chunks: the embedding model's tokens per chunk, and the overlap.
+KNOWLEDGE_CHUNK_TOKENS = int(os.environ.get("KNOWLEDGE_CHUNK_TOKENS", 400))
+KNOWLEDGE_CHUNK_OVERLAP = int(os.environ.get("KNOWLEDGE_CHUNK_OVERLAP", 50))
+#: Passages given to a reply, best first, and the most of the prompt they
+#: may take (in the embedding model's tokens; less when the chat model's
+#: context is shorter: chat/knowledge/retrieve.py).
+KNOWLEDGE_TOP_K = int(os.environ.get("KNOWLEDGE_TOP_K", 5))
+KNOWLEDGE_PROMPT_TOKENS = int(os.environ.get("KNOWLEDGE_PROMPT_TOKENS", 1500))
+#: Threads of the knowledge worker's pool, and torch's threads per task
+#: (ingestion and a reply's retrieval must not wait for each other).
+KNOWLEDGE_WORKER_CONCURRENCY = int(os.environ.get("KNOWLEDGE_WORKER_CONCURRENCY", 4))
 
 # --- Chat -------------------------------------------------------------------
 

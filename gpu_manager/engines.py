@@ -175,6 +175,8 @@ class LocalEngine:
         self.tokenizer = None
         self.offloaded = False
         self.last_used = time.monotonic()
+        #: The LocalSpec options it was made with (`engine_create`).
+        self.spec_options: tuple = ()
 
     @property
     def loaded(self) -> bool:
@@ -413,6 +415,19 @@ class TranslationEngine(LocalEngine):
         limit = min(self.tokenizer.model_max_length, 2 * inputs["input_ids"].shape[1] + 8)
         output = self.model.generate(**inputs, max_new_tokens=limit, num_beams=1, do_sample=False, **options)
         return self.tokenizer.decode(output[0], skip_special_tokens=True).strip()
+
+
+#: The engine class for each kind of local model (LocalSpec.engine).
+ENGINES: dict[str, type[LocalEngine]] = {"chat": LocalEngine, "embedding": EmbeddingEngine,
+                                         "translation": TranslationEngine}
+
+
+def engine_create(spec, *, device: str) -> LocalEngine:
+    """An engine, not loaded yet, for a LocalSpec (gpu_manager/state.py)."""
+    engine = ENGINES[spec.engine](name=spec.name, path=spec.path, device=device, keep_alive=spec.keep_alive,
+                                  warm_offload=spec.warm_offload, **dict(spec.options))
+    engine.spec_options = spec.options
+    return engine
 
 
 def _holders(obj) -> list[str]:

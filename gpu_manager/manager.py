@@ -35,7 +35,7 @@ from django.conf import settings
 
 from chatsite.errors import CodedError
 from chatsite.ollama_client import OllamaUnavailable, ollama_unload_all
-from gpu_manager.engines import EngineLoadError, LocalEngine
+from gpu_manager.engines import ENGINES, EngineLoadError, LocalEngine, engine_create
 from gpu_manager.leases import Leases
 from gpu_manager.memory import memory_snapshot
 from gpu_manager.state import GpuState, GpuStateStore, LocalSpec
@@ -207,7 +207,7 @@ class GpuManager:
         state = self.store.read()
         self.lease_waited = 0.0
         engine = self.engines.get(spec.name)
-        if state.owner == "local" and engine is not None and engine.loaded and engine.path == spec.path:
+        if state.owner == "local" and engine is not None and engine.loaded and _serves(engine, spec):
             engine.touch()
             # An admin's edit of these takes effect at the model's next use.
             engine.keep_alive, engine.warm_offload = spec.keep_alive, spec.warm_offload
@@ -274,15 +274,14 @@ class GpuManager:
 
     def _ensure_resident(self, spec: LocalSpec, on_event: EventSink) -> LocalEngine:
         engine = self.engines.get(spec.name)
-        if engine is not None and engine.path != spec.path:
+        if engine is not None and not _serves(engine, spec):
             self._unload_engine(engine, on_event, reason="path_changed", warm=False)
             engine = None
         if engine is not None and engine.loaded:
             engine.touch()
             return engine
         if engine is None:
-            engine = LocalEngine(name=spec.name, path=spec.path, device=self.device, keep_alive=spec.keep_alive,
-                                 warm_offload=spec.warm_offload)
+            engine = engine_create(spec, device=self.device)
         engine.keep_alive, engine.warm_offload = spec.keep_alive, spec.warm_offload
         self._make_room(engine, on_event)
         self._load_engine(engine, on_event)
@@ -393,6 +392,13 @@ class GpuManager:
         log.info("GPU slot %s: %s %s freed=%s seconds=%.3f", self.slot, kind, fields.get("model"),
                  fields.get("freed_bytes"), fields.get("seconds", 0.0))
         return event
+
+
+def _serves(engine: LocalEngine, spec: LocalSpec) -> bool:
+    """The engine is what the spec asks for: the same directory, the same
+    kind, the same settings (an admin's edit of these reloads it)."""
+    return (engine.path == spec.path and type(engine) is ENGINES[spec.engine]
+            and getattr(engine, "spec_options", ()) == spec.options)
 
 
 def _weights_bytes(path: str) -> int:

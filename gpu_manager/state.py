@@ -52,6 +52,11 @@ class LocalSpec:
     path: str
     keep_alive: float = 0.0
     warm_offload: bool = False
+    #: "chat", "embedding" or "translation" (gpu_manager/engines.py ENGINES).
+    engine: str = "chat"
+    #: The engine's own settings, as (name, value) pairs: an embedding
+    #: model's pooling and prefixes, a translation model's targets.
+    options: tuple = ()
 
 
 @dataclass

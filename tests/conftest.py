@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 def workers(stack, django_db_setup, django_db_blocker):
     running = Workers(stack.var, test_database_url(connection.settings_dict))
     try:
-        for name in ("gpu", "cpu"):
+        for name in ("gpu", "cpu", "knowledge"):
             running.start(name)
         yield running
     finally:

@@ -57,7 +57,7 @@ def check_python(argv: list[str]) -> None:
 
 def test_every_compose_command_names_a_real_entry_point():
     commands = compose_commands()
-    assert {"web", "gpu-worker", "cpu-worker"} <= set(commands)
+    assert {"web", "gpu-worker", "cpu-worker", "knowledge-worker"} <= set(commands)
     for argv in commands.values():
         for invocation in python_invocations(argv):
             check_python(invocation)
@@ -70,7 +70,7 @@ def test_compose_worker_lines_match_make_run():
 
     ours = {name: argv[2:] for name, argv in stack_commands(host="h", port=1)}
     commands = compose_commands()
-    for service in ("gpu-worker", "cpu-worker"):
+    for service in ("gpu-worker", "cpu-worker", "knowledge-worker"):
         compose = [a for a in commands[service][2:] if not a.startswith("--loglevel")]
         local = [a for a in ours[service] if a not in ("--loglevel", "INFO")]
         assert compose == local, (service, compose, local)

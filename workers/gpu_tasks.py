@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
+from chat.translations import translation_queue_cpu, translation_run
 from chatsite import queues
 from chatsite.logs import message_id_var
 from gpu_manager.manager import GpuManager
 from gpu_manager.scheduler import Scheduler, slot_scheduler
 from workers.base import MessageTask
 from workers.lifecycle import gpu_task_running, idle_unload_ran, replies_fail_lost
-from workers.replies import gpu_prelude, local_reply_generate, local_spec, local_specs_preload, ollama_urls
+from workers.replies import (
+    gpu_prelude, local_reply_generate, local_spec, local_specs_preload, ollama_urls, switch_notifier,
+)
 
 _manager: GpuManager | None = None
 
@@ -128,3 +131,27 @@ def gpu_unload_idle(self) -> None:
     idle = self.manager.idle_engines()
     if idle:
         self.manager.unload_local(names=idle, reason="idle")
+
+
+@shared_task(name=queues.GPU_TRANSLATE, base=GpuControlTask, bind=True)
+def gpu_translate(self, message_id: int, target: str, engine: str) -> None:
+    """A translation while the GPU is the local models' (chat/translations.py):
+    the translation engine made resident beside the others, in line with
+    the messages. If the GPU changed hands since it was queued, it goes to
+    the knowledge worker's CPU instead: a translation never takes the GPU
+    back from an external owner."""
+    message_id_var.set(message_id)
+    try:
+        state = self.manager.store.read()
+        if state.owner not in ("local", "none") or state.ollama_models:
+            translation_queue_cpu(message_id=message_id, target=target, engine=engine, owner=state.owner)
+            return
+
+        def load():
+            self.manager.prepare_local(spec=local_spec(engine), preload=local_specs_preload(),
+                                       ollama_urls=ollama_urls(), on_event=switch_notifier(message_id))
+            return self.manager.engine(engine)
+
+        translation_run(message_id=message_id, target=target, load=load, device=self.manager.device)
+    finally:
+        message_id_var.set(None)

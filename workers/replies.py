@@ -29,20 +29,20 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from chat.catalog import ModelChoice, endpoints, model_resolve
+from chat.catalog import ModelChoice, endpoints, local_spec, local_specs_preload, model_resolve
 from chat.dispatch import (
     ReplyHold, cancel_requested, cpu_generate_queue, message_dispatch, message_fail, message_finish,
     reply_claim_holder, reply_hold,
 )
+from chat.knowledge.retrieve import prompt_with_sources
 from chat.metrics import gpu_wait_observe
-from chat.models import Message, MessageStatus, ModelConfig, ModelKind
+from chat.models import Message, MessageStatus
 from chat.relay import DeltaRelay, group_send, message_group
 from chatsite.errors import error_code
 from chatsite.ollama_client import OllamaModelMissing, ollama_chat_stream, ollama_tags
 from chatsite.openai_client import openai_chat_stream
 from gpu_manager.leases import LeaseKeeper, LeaseLost, Leases
 from gpu_manager.scheduler import Item, ObservationBuffer, Scheduler
-from gpu_manager.state import LocalSpec
 
 if TYPE_CHECKING:  # the GPU tasks hand it in; importing it would import torch
     from gpu_manager.manager import GpuManager
@@ -185,7 +185,8 @@ def history(reply: Message) -> list[dict]:
     cancelled replies are left out: they would teach the model nonsense."""
     turns = reply.conversation.messages.filter(pk__lt=reply.pk).exclude(
         role=Message.Role.ASSISTANT, status__in=[MessageStatus.ERROR, MessageStatus.QUEUED])
-    return [{"role": m.role, "content": m.content} for m in turns if m.content]
+    messages = [{"role": m.role, "content": m.content} for m in turns if m.content]
+    return prompt_with_sources(messages, reply.sources)  # CONTRACT §8: the same for every model kind
 
 
 def switch_notifier(message_id: int) -> Callable[[str, dict], None]:
@@ -195,17 +196,6 @@ def switch_notifier(message_id: int) -> Callable[[str, dict], None]:
         group_send(message_group(message_id), {"type": "gpu.switch", "message": message_id, **event,
                                                 "phase": phase})
     return notify
-
-
-def local_spec(name: str) -> LocalSpec:
-    config = ModelConfig.objects.get(kind=ModelKind.LOCAL, name=name)
-    return LocalSpec(name=config.name, path=config.path, keep_alive=float(config.keep_alive),
-                     warm_offload=config.warm_offload)
-
-
-def local_specs_preload() -> list[LocalSpec]:
-    return [local_spec(name) for name in ModelConfig.objects.filter(
-        kind=ModelKind.LOCAL, enabled=True, preload=True).values_list("name", flat=True)]
 
 
 def ollama_urls() -> list[str]:

@@ -85,10 +85,12 @@ def ends(message_id: int):
     return lambda f: f.get("type") in ("chat.done", "chat.error") and f.get("message") == message_id
 
 
-async def send_and_finish(comm, *, model: str, content: str, conversation=None, timeout: float = 60.0):
-    """Send one chat message; return (accepted frame, every later frame up to its end)."""
+async def send_and_finish(comm, *, model: str, content: str, conversation=None, timeout: float = 60.0,
+                          **extra):
+    """Send one chat message (with `extra` fields, e.g. knowledge=[…]);
+    return (accepted frame, every later frame up to its end)."""
     await comm.send_json_to({"type": "chat.send", "model": model, "content": content,
-                             "conversation": conversation, "client_id": f"c-{time.monotonic_ns()}"})
+                             "conversation": conversation, "client_id": f"c-{time.monotonic_ns()}", **extra})
     accepted = (await frames_until(comm, lambda f: f["type"] in ("chat.accepted", "chat.error"), timeout=timeout))[-1]
     assert accepted["type"] == "chat.accepted", accepted
     frames = await frames_until(comm, ends(accepted["message"]), timeout=timeout)

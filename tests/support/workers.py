@@ -28,11 +28,12 @@ class Workers:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def argv(self, name: str) -> list[str]:
-        """`gpu` and `cpu` as `make run` starts them; `gpu1` is a second GPU
-        worker (slot 1), as docker-compose.yml starts one per extra GPU."""
+        """`gpu`, `cpu` and `knowledge` as `make run` starts them; `gpu1` is
+        a second GPU worker (slot 1), as docker-compose.yml starts one per
+        extra GPU."""
         from chat.management.commands.runstack import stack_commands
 
-        kind = "gpu" if name.startswith("gpu") else "cpu"
+        kind = "gpu" if name.startswith("gpu") else name
         for proc_name, argv in stack_commands(host="127.0.0.1", port=0):
             if proc_name == f"{kind}-worker":
                 argv = [a.replace("@%h", "@test").replace("gpu@", f"{name}@") for a in argv]

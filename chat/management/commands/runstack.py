@@ -33,7 +33,7 @@ RESTART_WINDOW = 60.0
 #: The children that are started again when they exit (the CPU workers are
 #: cpu-worker, cpu-worker-2, ...); the web server or Redis exiting stops
 #: the stack.
-RESTARTED = ("gpu-worker", "cpu-worker")
+RESTARTED = ("gpu-worker", "cpu-worker", "knowledge-worker")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -53,6 +53,14 @@ def stack_commands(*, host: str, port: int, cpu_workers: int | None = None) -> l
             python, "-m", "celery", "-A", "chatsite", "worker", "-Q", queues.gpu_queue(settings.GPU_SLOT),
             "-I", queues.GPU_TASK_MODULE, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "-n", "gpu@%h",
             "--loglevel", "INFO",
+        ]),
+        # Knowledge bases and translation on the CPU (chatsite/queues.py):
+        # a thread pool, so that a reply's retrieval never waits for an
+        # ingestion; torch's own threads do the arithmetic.
+        ("knowledge-worker", [
+            python, "-m", "celery", "-A", "chatsite", "worker", "-Q", queues.KNOWLEDGE_QUEUE,
+            "-I", queues.KNOWLEDGE_TASK_MODULE, "-P", "threads", "-c", str(settings.KNOWLEDGE_WORKER_CONCURRENCY),
+            "-n", "knowledge@%h", "--loglevel", "INFO",
         ]),
         *((f"cpu-worker-{n}" if n > 1 else "cpu-worker", [
             python, "-m", "celery", "-A", "chatsite", "worker", "-Q", queues.CPU_QUEUE,
