@@ -33,6 +33,9 @@ _ERRORS = {
     "unknown_model": (404, "invalid_request_error"),
     "model_not_found": (404, "invalid_request_error"),
     "model_disabled": (404, "invalid_request_error"),
+    "unknown_knowledge": (404, "invalid_request_error"),
+    "knowledge_not_ready": (409, "invalid_request_error"),
+    "bad_frame": (400, "invalid_request_error"),
     "rate_limited": (429, "rate_limit_exceeded"),
     "upstream_rate_limited": (429, "rate_limit_exceeded"),
     "upstream_error": (502, "server_error"),
@@ -76,12 +79,16 @@ class ChatRequest:
     history: list[dict] = field(default_factory=list)  # the turns before it
     stream: bool = False
     include_usage: bool = False
+    #: Our extra body field (CONTRACT §8): the user's knowledge bases to draw on.
+    knowledge: list | None = None
 
 
 def chat_request_parse(body) -> ChatRequest:
     """Validate a `/v1/chat/completions` body. Sampling options (max_tokens,
     temperature, top_p) are accepted and not applied: a model's defaults
-    are set per model in the admin."""
+    are set per model in the admin. `knowledge` (an extra body field, as
+    the openai client sends with `extra_body`): ids of the caller's
+    knowledge bases, as in the websocket's chat.send."""
     if not isinstance(body, dict):
         raise RequestError("invalid_request", "The body must be a JSON object.")
     model, messages = body.get("model"), body.get("messages")
@@ -103,7 +110,8 @@ def chat_request_parse(body) -> ChatRequest:
         raise RequestError("invalid_request", "'stream' must be a boolean.", param="stream")
     options = body.get("stream_options") or {}
     return ChatRequest(model=model, content=turns[-1]["content"], history=turns[:-1], stream=stream,
-                       include_usage=bool(isinstance(options, dict) and options.get("include_usage")))
+                       include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+                       knowledge=body.get("knowledge"))
 
 
 def _text(content, index: int) -> str:
@@ -156,13 +164,14 @@ def completion_enqueue(*, user, request: ChatRequest, title: str = "", priority:
                 conversation_id = conversation.pk
             return services.message_enqueue(user=user, model=request.model, content=request.content,
                                             conversation_id=conversation_id, subscribe=subscribe,
-                                            priority=priority, choice=choice)
+                                            priority=priority, choice=choice, knowledge=request.knowledge)
     except services.ChatInputError as exc:
         raise _request_error(exc) from exc
 
 
 def _request_error(exc: "services.ChatInputError") -> RequestError:
-    param = "model" if exc.code in ("unknown_model", "model_disabled") else "messages"
+    param = {"unknown_model": "model", "model_disabled": "model", "unknown_knowledge": "knowledge",
+             "knowledge_not_ready": "knowledge", "bad_frame": "knowledge"}.get(exc.code, "messages")
     return RequestError(exc.code, exc.detail, param=param)
 
 
@@ -180,6 +189,8 @@ def completion_object(reply: Message) -> dict:
             "finish_reason": finish_reason(reply.finish_reason),
         }],
         "usage": reply.usage(),
+        # Ours, with `knowledge`: the passages given to the model (CONTRACT §8's chat.sources).
+        **({"sources": reply.sources or []} if reply.knowledge else {}),
     }
 
 

@@ -223,3 +223,31 @@ async def test_engines_resident_together_unloaded_together_and_back(user, ws_hea
     loads = [e["model"] for e in store().events(1000)[mark:] if e["kind"] == "local_load"]
     assert sorted(loads) == engines
     assert store().read().local_models == engines
+
+
+@pytest.mark.django_db(transaction=True)
+def test_v1_chat_completions_takes_knowledge_as_an_extra_body_field(user, api, demo_engines, workers, stack):
+    """The same retrieval for an OpenAI-compatible upstream, asked through
+    the official client's `extra_body`, streaming and not."""
+    import openai
+
+    base = ready_base(user)
+    question = "Which active volcano is on the east coast of Sicily?"
+    completion = api.chat.completions.create(model="openai_gpt-4o-mini",
+                                             messages=[{"role": "user", "content": question}],
+                                             extra_body={"knowledge": [base["id"]]})
+    sources = completion.model_extra["sources"]
+    assert sources and sources[0]["document"] == "en-volcano.txt" and sources[0]["n"] == 1
+    sent = stack.openai.requests_to("/v1/chat/completions")[-1].body["messages"][-1]["content"]
+    assert "[1] (en-volcano.txt)" in sent and sent.endswith(f"Question: {question}")
+
+    chunks = list(api.chat.completions.create(model="openai_gpt-4o-mini", stream=True,
+                                              messages=[{"role": "user", "content": question}],
+                                              extra_body={"knowledge": [base["id"]]}))
+    assert chunks[0].model_extra["sources"] == sources
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == stack.openai.reply
+
+    with pytest.raises(openai.NotFoundError) as caught:
+        api.chat.completions.create(model="openai_gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                    extra_body={"knowledge": [base["id"] + 1000]})
+    assert caught.value.code == "unknown_knowledge" and caught.value.body["param"] == "knowledge"

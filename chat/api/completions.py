@@ -152,12 +152,13 @@ async def chat_completions(request: HttpRequest):
         if chat.stream:
             # Wait for the first frame with text (or the end) before answering:
             # a reply that fails before its first token gets a real HTTP status.
-            first = await _first_content_frame(frames)
+            first, sources = await _first_content_frame(frames)
             if first["type"] == "chat.error":
                 return await _failed(request.user, reply.pk, first)
             handed_over = True
             response = StreamingHttpResponse(
-                _sse(request.user, listener, frames, first, reply, include_usage=chat.include_usage),
+                _sse(request.user, listener, frames, first, reply, include_usage=chat.include_usage,
+                     sources=sources),
                 content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"  # nginx: pass events through at once
@@ -177,17 +178,24 @@ async def chat_completions(request: HttpRequest):
             await listener.close()
 
 
-async def _first_content_frame(frames: AsyncIterator[dict]) -> dict:
+async def _first_content_frame(frames: AsyncIterator[dict]) -> tuple[dict, list | None]:
+    """The first frame with text (or the end), and the reply's sources when
+    a `chat.sources` frame came before it."""
+    sources = None
     async for frame in frames:
-        if frame["type"] == "chat.delta" or frame["type"] in END_EVENTS:
-            return frame
+        if frame["type"] == "chat.sources":
+            sources = frame["sources"]
+        elif frame["type"] == "chat.delta" or frame["type"] in END_EVENTS:
+            return frame, sources
     raise RuntimeError("the frames ended without an end frame")  # frames() always ends with one
 
 
 async def _sse(user, listener: ReplyListener, frames: AsyncIterator[dict], first: dict, reply: Message, *,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, sources: list | None = None) -> AsyncIterator[str]:
     """`chat.completion.chunk` events in OpenAI's order: the role, the text,
-    the finish reason, the usage (when asked for), then `[DONE]`."""
+    the finish reason, the usage (when asked for), then `[DONE]`. A
+    knowledge-assisted reply's sources ride on the first chunk (`sources`,
+    an extra field that clients ignore unless they look for it)."""
     base = {"id": completion_id(reply.pk), "object": "chat.completion.chunk",
             "created": int(reply.queued_at.timestamp()), "model": reply.model_name, "system_fingerprint": None}
 
@@ -200,7 +208,8 @@ async def _sse(user, listener: ReplyListener, frames: AsyncIterator[dict], first
     sent = ""
     finished = False
     try:
-        yield event(delta({"role": "assistant", "content": ""}))
+        extra = {"sources": sources} if sources is not None else {}
+        yield event(delta({"role": "assistant", "content": ""}), **extra)
         frame = first
         while True:
             if frame["type"] == "chat.delta":
