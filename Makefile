@@ -84,6 +84,7 @@ clean:
 .PHONY: bench
 bench: setup
 	$(BIN)/python bench/all.py
+	$(BIN)/python bench/knowledge.py
 
 # The switch-aware GPU scheduler against arrival order (issue 13;
 # docs/BENCHMARKS.md, "Switch-aware scheduling"): grouped and fifo side by

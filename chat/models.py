@@ -346,6 +346,8 @@ class KnowledgeBase(models.Model):
     #: The current index's directory (relative to KNOWLEDGE_DIR); "" before the first.
     index_path = models.CharField(max_length=300, blank=True)
     chunk_count = models.PositiveIntegerField("chunks", default=0)
+    #: Where its last ingestion embedded: "gpu worker on cuda:0", "knowledge worker on cpu".
+    indexed_by = models.CharField(max_length=100, blank=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -28,7 +28,7 @@ from chatsite import queues
 from chatsite.celery import app
 from chatsite.errors import CodedError, error_code
 from chatsite.redis_client import redis_client
-from gpu_manager.state import GpuStateStore
+from gpu_manager.state import GpuStateStore, gpu_local_now
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,12 @@ def translation_request(*, user, message_id, target) -> dict | None:
 
 def translation_route(*, message_id: int, target: str, engine: str) -> None:
     """Queue the translation where the GPU's owner allows (module docstring)."""
-    state = GpuStateStore(slot=settings.GPU_SLOT).read()
-    if state.owner in ("local", "none") and not state.ollama_models:
+    if gpu_local_now(settings.GPU_SLOT):
         app.signature(queues.GPU_TRANSLATE, args=(message_id, target, engine),
                       queue=queues.gpu_queue(settings.GPU_SLOT)).apply_async()
     else:
-        translation_queue_cpu(message_id=message_id, target=target, engine=engine, owner=state.owner)
+        owner = GpuStateStore(slot=settings.GPU_SLOT).read().owner
+        translation_queue_cpu(message_id=message_id, target=target, engine=engine, owner=owner)
 
 
 def translation_queue_cpu(*, message_id: int, target: str, engine: str, owner: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
+import threading
 import time
 import types
 import weakref
@@ -386,6 +387,9 @@ class TranslationEngine(LocalEngine):
         if unknown:
             raise ValueError(f"unknown translation targets {sorted(unknown)}")
         self.targets = tuple(targets)
+        #: A multilingual tokenizer's source language is its state: the
+        #: knowledge worker's threads translate one paragraph at a time.
+        self._lock = threading.Lock()
 
     @property
     def multilingual(self) -> bool:
@@ -407,10 +411,11 @@ class TranslationEngine(LocalEngine):
 
     def _paragraph(self, text: str, target: str) -> str:
         options = {}
-        if self.multilingual:
-            self.tokenizer.src_lang = "zh" if _HAN.search(text) else "en"
-            options["forced_bos_token_id"] = self.tokenizer.get_lang_id(TRANSLATION_TARGETS[target])
-        inputs = self.tokenizer(text, return_tensors="pt", truncation=True).to(self.model.device)
+        with self._lock:
+            if self.multilingual:
+                self.tokenizer.src_lang = "zh" if _HAN.search(text) else "en"
+                options["forced_bos_token_id"] = self.tokenizer.get_lang_id(TRANSLATION_TARGETS[target])
+            inputs = self.tokenizer(text, return_tensors="pt", truncation=True).to(self.model.device)
         # A translation is rarely more than twice its source in tokens.
         limit = min(self.tokenizer.model_max_length, 2 * inputs["input_ids"].shape[1] + 8)
         output = self.model.generate(**inputs, max_new_tokens=limit, num_beams=1, do_sample=False, **options)

@@ -153,6 +153,15 @@ class GpuStateStore:
         return [json.loads(e) for e in self._redis.lrange(self.events_key, -limit, -1)]
 
 
+def gpu_local_now(slot: str) -> bool:
+    """The GPU is the local models' (or nobody's, with nothing of Ollama's
+    on it): a local engine's side work (an ingestion, a translation) may
+    use it without taking it from an external owner. Otherwise that work
+    runs on the knowledge worker's CPU (docs/knowledge.md)."""
+    state = GpuStateStore(slot=slot).read()
+    return state.owner in ("local", "none") and not state.ollama_models
+
+
 def gpu_slots(*, default: str) -> list[str]:
     """Every slot that has written a state; `default` (this deployment's
     GPU_SLOT) before any has."""

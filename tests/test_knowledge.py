@@ -251,3 +251,30 @@ def test_v1_chat_completions_takes_knowledge_as_an_extra_body_field(user, api, d
         api.chat.completions.create(model="openai_gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
                                     extra_body={"knowledge": [base["id"] + 1000]})
     assert caught.value.code == "unknown_knowledge" and caught.value.body["param"] == "knowledge"
+
+
+@pytest.mark.asyncio
+@pytest.mark.django_db(transaction=True)
+async def test_ingestion_uses_the_gpu_engine_while_local_models_hold_it_and_the_cpu_under_ollama(
+        user, ws_headers, demo_model, demo_engines, workers, stack):
+    comm = communicator(ws_headers)
+    assert (await comm.connect())[0]
+    _, frames = await send_and_finish(comm, model="local_demo", content="hi")
+    assert frames[-1]["type"] == "chat.done" and store().read().owner == "local"
+    base = await sync_to_async(ready_base)(user)
+    assert base["indexed_by"].startswith("gpu worker on "), base
+    assert "embed_demo" in store().read().local_models
+
+    _, frames = await send_and_finish(comm, model="ollama_qwen:7b", content="hello")
+    assert frames[-1]["type"] == "chat.done" and store().read().owner == "ollama"
+    loads = len([e for e in store().events(1000) if e["kind"] == "local_load"])
+    client = await sync_to_async(client_of)(user)
+    response = await sync_to_async(client.post)(f"/api/knowledge/{base['id']}/files",
+                                                {"files": [upload("bread.txt", DOCUMENTS["en-sourdough"])]})
+    assert response.status_code == 201
+    more = await sync_to_async(base_wait)(client, base["id"])
+    assert more["status"] == "ready" and more["indexed_by"] == "knowledge worker on cpu", more
+    assert more["chunks"] > base["chunks"]
+    state = store().read()
+    assert (state.owner, state.local_models) == ("ollama", [])
+    assert len([e for e in store().events(1000) if e["kind"] == "local_load"]) == loads

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
+from chat.knowledge.bases import ingest_queue
+from chat.knowledge.ingest import base_embedder_failed, base_ingest
+from chat.models import KnowledgeBase
 from chat.translations import translation_queue_cpu, translation_run
 from chatsite import queues
 from chatsite.logs import message_id_var
 from gpu_manager.manager import GpuManager
+from gpu_manager.state import gpu_local_now
 from gpu_manager.scheduler import Scheduler, slot_scheduler
 from workers.base import MessageTask
 from workers.lifecycle import gpu_task_running, idle_unload_ran, replies_fail_lost
@@ -142,9 +146,9 @@ def gpu_translate(self, message_id: int, target: str, engine: str) -> None:
     back from an external owner."""
     message_id_var.set(message_id)
     try:
-        state = self.manager.store.read()
-        if state.owner not in ("local", "none") or state.ollama_models:
-            translation_queue_cpu(message_id=message_id, target=target, engine=engine, owner=state.owner)
+        if not gpu_local_now(self.manager.slot):
+            owner = self.manager.store.read().owner
+            translation_queue_cpu(message_id=message_id, target=target, engine=engine, owner=owner)
             return
 
         def load():
@@ -155,3 +159,24 @@ def gpu_translate(self, message_id: int, target: str, engine: str) -> None:
         translation_run(message_id=message_id, target=target, load=load, device=self.manager.device)
     finally:
         message_id_var.set(None)
+
+
+@shared_task(name=queues.GPU_INGEST, base=GpuControlTask, bind=True)
+def gpu_ingest(self, base_id: int) -> None:
+    """A base's ingestion while the GPU is the local models': the embedding
+    engine made resident beside the others, in line with the messages
+    (chat/knowledge/bases.py `ingest_queue`). If the GPU changed hands
+    since, it goes to the knowledge worker's CPU instead."""
+    if not gpu_local_now(self.manager.slot):
+        ingest_queue(base_id, gpu=False)
+        return
+    model = KnowledgeBase.objects.filter(pk=base_id).values_list("embedding_model", flat=True).first()
+    if model is None:
+        return
+    try:
+        self.manager.prepare_local(spec=local_spec(model), preload=local_specs_preload(), ollama_urls=ollama_urls())
+        embedder = self.manager.engine(model)
+    except Exception as exc:
+        base_embedder_failed(base_id, model, exc)
+        return
+    base_ingest(base_id=base_id, embedder=embedder, indexed_by=f"gpu worker on {self.manager.device}")

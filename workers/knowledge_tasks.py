@@ -18,13 +18,13 @@ from celery import Task, shared_task
 
 from chat.catalog import ModelChoice, local_spec, model_resolve
 from chat.dispatch import message_dispatch, message_fail
-from chat.knowledge.ingest import base_ingest
+from chat.knowledge.ingest import base_embedder_failed, base_ingest
 from chat.knowledge.retrieve import bases_of, prompt_budget, query_of, sources_find
-from chat.models import KnowledgeBase, KnowledgeStatus, Message
+from chat.models import KnowledgeBase, Message
 from chat.relay import group_send, message_group
 from chat.translations import translation_run
 from chatsite import queues
-from chatsite.errors import CodedError, error_code
+from chatsite.errors import CodedError
 from chatsite.logs import message_id_var
 from gpu_manager.engines import LocalEngine, engine_create
 from gpu_manager.state import LocalSpec
@@ -70,25 +70,17 @@ class KnowledgeTask(Task):
 
 @shared_task(name=queues.KNOWLEDGE_INGEST, base=KnowledgeTask)
 def knowledge_ingest(base_id: int) -> None:
-    base = KnowledgeBase.objects.filter(pk=base_id).values_list("embedding_model", flat=True).first()
-    if base is None:
+    """A base's ingestion on the CPU (the GPU was not the local models'
+    when it was queued: chat/knowledge/bases.py `ingest_queue`)."""
+    model = KnowledgeBase.objects.filter(pk=base_id).values_list("embedding_model", flat=True).first()
+    if model is None:
         return
     try:
-        embedder = engines.get(base)
-    except Exception as exc:  # no such model any more, or it cannot load: the base says why
-        log.exception("knowledge base %s: its embedding model %s cannot be used", base_id, base)
-        KnowledgeBase.objects.filter(pk=base_id).update(status=KnowledgeStatus.ERROR,
-                                                        error=f"The embedding model {base} cannot be used: {exc}")
-        base_documents_fail(base_id, code=error_code(exc), detail=str(exc))
+        embedder = engines.get(model)
+    except Exception as exc:
+        base_embedder_failed(base_id, model, exc)
         return
-    base_ingest(base_id=base_id, embedder=embedder)
-
-
-def base_documents_fail(base_id: int, *, code: str, detail: str) -> None:
-    from chat.models import KnowledgeDocument
-
-    KnowledgeDocument.objects.filter(base_id=base_id, status=KnowledgeStatus.INDEXING).update(
-        status=KnowledgeStatus.ERROR, error_code=code, error=detail, data=b"")
+    base_ingest(base_id=base_id, embedder=embedder, indexed_by=f"knowledge worker on {DEVICE}")
 
 
 @shared_task(name=queues.KNOWLEDGE_RETRIEVE, base=KnowledgeTask)

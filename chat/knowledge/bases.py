@@ -20,6 +20,7 @@ from chat.models import KnowledgeBase, KnowledgeDocument, KnowledgeStatus, Model
 from chatsite import queues
 from chatsite.celery import app
 from chatsite.errors import CodedError
+from gpu_manager.state import gpu_local_now
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +125,23 @@ def base_public(base: KnowledgeBase) -> dict:
         "files": [{"id": d["pk"], "name": d["name"], "status": d["status"], "chunks": d["chunk_count"],
                    "size": d["size"], "error": d["error"], "error_code": d["error_code"]} for d in documents],
         "embedding_model": base.embedding_model,
+        "indexed_by": base.indexed_by,
         "error": base.error,
         "created_at": base.created_at,
     }
 
 
-def ingest_queue(base_id: int) -> None:
-    app.signature(queues.KNOWLEDGE_INGEST, args=(base_id,), queue=queues.KNOWLEDGE_QUEUE).apply_async()
+def ingest_queue(base_id: int, *, gpu: bool | None = None) -> None:
+    """Queue a base's ingestion: on the GPU worker, with the embedding
+    engine resident beside the chat model, while the local models hold the
+    GPU; on the knowledge worker's CPU while an external owner does (an
+    upload never takes the GPU from Ollama). `gpu`: decided by the caller."""
+    if gpu is None:
+        gpu = gpu_local_now(settings.GPU_SLOT)
+    if gpu:
+        app.signature(queues.GPU_INGEST, args=(base_id,), queue=queues.gpu_queue(settings.GPU_SLOT)).apply_async()
+    else:
+        app.signature(queues.KNOWLEDGE_INGEST, args=(base_id,), queue=queues.KNOWLEDGE_QUEUE).apply_async()
 
 
 def _uploads_read(files: list) -> list[tuple[str, bytes]]:

@@ -55,17 +55,30 @@ class Embedder(Protocol):
     def embed(self, texts: list[str], *, kind: str = "passage"): ...
 
 
-def base_ingest(*, base_id: int, embedder: Embedder) -> None:
+def base_ingest(*, base_id: int, embedder: Embedder, indexed_by: str) -> None:
     """Index the base's waiting documents with `embedder`; one ingestion of a
     base at a time (a Redis lock: two uploads in a row are indexed one after
-    the other, each index holding the other's chunks)."""
+    the other, each index holding the other's chunks). `indexed_by`: where
+    it runs, as the base will tell ("gpu worker on cuda:0")."""
     lock = redis_client().lock(f"knowledge:ingest:{base_id}", timeout=settings.CELERY_TASK_TIME_LIMIT,
                                blocking_timeout=settings.CELERY_TASK_TIME_LIMIT)
     with lock:
-        _ingest(base_id, embedder)
+        _ingest(base_id, embedder, indexed_by)
 
 
-def _ingest(base_id: int, embedder: Embedder) -> None:
+def base_embedder_failed(base_id: int, model: str, exc: Exception) -> None:
+    """The base's embedding model cannot be used (gone from the admin, or
+    it does not load): its waiting documents and the base say why."""
+    log.error("knowledge base %s: its embedding model %s cannot be used: %s", base_id, model, exc)
+    detail = f"The embedding model {model} cannot be used: {exc}"
+    KnowledgeDocument.objects.filter(base_id=base_id, status=KnowledgeStatus.INDEXING).update(
+        status=KnowledgeStatus.ERROR, error_code=getattr(exc, "code", "model_load_failed"), error=detail, data=b"")
+    KnowledgeBase.objects.filter(pk=base_id).update(
+        status=KnowledgeStatus.READY if KnowledgeBase.objects.filter(pk=base_id, chunk_count__gt=0).exists()
+        else KnowledgeStatus.ERROR, error=detail)
+
+
+def _ingest(base_id: int, embedder: Embedder, indexed_by: str) -> None:
     base = KnowledgeBase.objects.filter(pk=base_id).first()
     if base is None:
         return
@@ -96,7 +109,7 @@ def _ingest(base_id: int, embedder: Embedder) -> None:
                                                           f"{uuid.uuid4().hex[:8]}")
     try:
         previous = _switch(base_id, embedder, waiting=waiting, failed=failed, new_chunks=new_chunks,
-                           first=len(old_texts), index_path=index_path, total=len(texts))
+                           first=len(old_texts), index_path=index_path, total=len(texts), indexed_by=indexed_by)
     except (KnowledgeBase.DoesNotExist, IntegrityError):
         # Deleted while it was indexed: what was built goes with it.
         log.info("knowledge base %s was deleted while it was indexed", base_id)
@@ -108,7 +121,7 @@ def _ingest(base_id: int, embedder: Embedder) -> None:
 
 
 def _switch(base_id: int, embedder: Embedder, *, waiting, failed, new_chunks, first: int, index_path,
-            total: int) -> str:
+            total: int, indexed_by: str) -> str:
     """Make the new index the base's, with its chunks, in one transaction;
     return the previous index's path."""
     with transaction.atomic():
@@ -133,6 +146,7 @@ def _switch(base_id: int, embedder: Embedder, *, waiting, failed, new_chunks, fi
             pk__in=[d.pk for d in waiting]).exists()
         base.index_path = str(index_path.relative_to(settings.KNOWLEDGE_DIR)) if index_path else ""
         base.embedding_model, base.dimension, base.chunk_count = embedder.name, embedder.dimension, total
+        base.indexed_by = indexed_by
         if still_waiting:
             base.status = KnowledgeStatus.INDEXING  # files added meanwhile: their ingestion is queued
         elif total:
