@@ -77,7 +77,7 @@ clean:
 	rm -rf $(VENV) var
 
 # Benchmarks (issue 6; docs/BENCHMARKS.md): each prints a table against its
-# floor and writes bench/results/NAME.json. 16 minutes on 2 cores
+# floor and writes bench/results/NAME.json. 16.5 minutes on 2 cores
 # (docs/BENCHMARKS.md), switch_load's 8 included; the
 # first run also builds a ~1 GB model under var/bench/ (~20 s), kept for
 # later runs.

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ORDER = ("swap", "dispatch", "streaming", "local_generation", "concurrency", "batch")
+ORDER = ("swap", "dispatch", "streaming", "local_generation", "concurrency", "batch", "knowledge")
 
 
 def markdown(table: dict) -> str:
