@@ -6,7 +6,7 @@ choice in docs/knowledge.md), measured before choosing.
 The embedded store (a normalised float32 matrix saved as .npy, searched
 with one matrix-vector product) against Qdrant's local mode
 (`qdrant-client`, `QdrantClient(path=...)`, when it is installed: `pip
-install qdrant-client==1.20.0`; not a project dependency), and the BM25
+install qdrant-client==1.20.0`; a project dependency since the Qdrant store), and the BM25
 half (bm25s over `chat.knowledge.text.lexical_tokens`): build, reopen and
 query latency (top 50) on random unit vectors and random 150-token chunks.
 """

@@ -402,6 +402,17 @@ KNOWLEDGE_PROMPT_TOKENS = int(os.environ.get("KNOWLEDGE_PROMPT_TOKENS", 1500))
 #: Threads of the knowledge worker's pool, and torch's threads per task
 #: (ingestion and a reply's retrieval must not wait for each other).
 KNOWLEDGE_WORKER_CONCURRENCY = int(os.environ.get("KNOWLEDGE_WORKER_CONCURRENCY", 4))
+#: Where an index's vectors live (docs/knowledge.md, "Where the vectors
+#: live"): "embedded" (a matrix file in the index's directory; no server)
+#: or "qdrant" (a Qdrant collection per index; BM25 stays in the directory).
+#: Recorded in each index: one written before a change is still read.
+KNOWLEDGE_STORE = os.environ.get("KNOWLEDGE_STORE", "embedded")
+#: The Qdrant server for KNOWLEDGE_STORE=qdrant ("http://host:6333"). Blank:
+#: qdrant-client's local mode in QDRANT_PATH, which one process at a time
+#: may open (its lock), so the whole stack (web, GPU and knowledge workers)
+#: needs a server.
+QDRANT_URL = os.environ.get("QDRANT_URL", "")
+QDRANT_PATH = Path(os.environ.get("QDRANT_PATH", VAR_DIR / "qdrant"))
 
 # --- Chat -------------------------------------------------------------------
 

@@ -278,3 +278,17 @@ async def test_ingestion_uses_the_gpu_engine_while_local_models_hold_it_and_the_
     state = store().read()
     assert (state.owner, state.local_models) == ("ollama", [])
     assert len([e for e in store().events(1000) if e["kind"] == "local_load"]) == loads
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_embedding_model_that_cannot_load_fails_the_files_with_its_reason(user, demo_engines, workers, tmp_path):
+    from chat.models import ModelConfig
+
+    ModelConfig.objects.create(kind="embedding", name="broken-embedder", path=str(tmp_path / "missing"),
+                               is_default=True)
+    client = client_of(user)
+    created = base_create(client, "doomed", [upload("a.txt", DOCUMENTS["en-volcano"])])
+    assert created["embedding_model"] == "broken-embedder"
+    base = base_wait(client, created["id"])
+    assert base["status"] == "error" and "broken-embedder" in base["error"], base
+    assert base["files"][0]["status"] == "error" and base["files"][0]["error_code"] == "model_load_failed"

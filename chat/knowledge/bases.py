@@ -8,7 +8,6 @@ nothing."""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from django.conf import settings
@@ -73,9 +72,12 @@ def base_files_add(*, base: KnowledgeBase, files: list) -> KnowledgeBase:
 def base_delete(*, base: KnowledgeBase) -> None:
     """Delete a base, its documents and chunks, and its index on disk. An
     ingestion under way finds the base gone and drops what it built."""
+    # Imported here: the web process loads numpy and bm25s only to delete.
+    from chat.knowledge.search import Index
+
     directory = base_directory(base.pk)
     base.delete()
-    transaction.on_commit(lambda: shutil.rmtree(directory, ignore_errors=True))
+    transaction.on_commit(lambda: Index.drop(directory), robust=True)
 
 
 def base_directory(base_id: int) -> Path:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +32,7 @@ from django.db import IntegrityError, transaction
 
 from chat.knowledge.bases import base_directory
 from chat.knowledge.parse import DocumentError, document_text
-from chat.knowledge.search import Index
+from chat.knowledge.search import Index, QdrantUnavailable
 from chat.knowledge.text import chunk_text
 from chat.models import KnowledgeBase, KnowledgeChunk, KnowledgeDocument, KnowledgeStatus
 from chatsite.redis_client import redis_client
@@ -63,16 +62,28 @@ def base_ingest(*, base_id: int, embedder: Embedder, indexed_by: str) -> None:
     lock = redis_client().lock(f"knowledge:ingest:{base_id}", timeout=settings.CELERY_TASK_TIME_LIMIT,
                                blocking_timeout=settings.CELERY_TASK_TIME_LIMIT)
     with lock:
-        _ingest(base_id, embedder, indexed_by)
+        try:
+            _ingest(base_id, embedder, indexed_by)
+        except Exception as exc:
+            # Not a document's fault (those fail alone, above): the waiting
+            # documents say so, and the base keeps its last index.
+            log.exception("knowledge base %s: ingestion failed", base_id)
+            base_documents_fail(base_id, code="knowledge_ingest_failed", detail=f"Indexing failed: {exc}")
 
 
 def base_embedder_failed(base_id: int, model: str, exc: Exception) -> None:
     """The base's embedding model cannot be used (gone from the admin, or
     it does not load): its waiting documents and the base say why."""
     log.error("knowledge base %s: its embedding model %s cannot be used: %s", base_id, model, exc)
-    detail = f"The embedding model {model} cannot be used: {exc}"
+    base_documents_fail(base_id, code=getattr(exc, "code", "model_load_failed"),
+                        detail=f"The embedding model {model} cannot be used: {exc}")
+
+
+def base_documents_fail(base_id: int, *, code: str, detail: str) -> None:
+    """End the base's waiting documents with an error; the base stays ready
+    with its last index when it has one."""
     KnowledgeDocument.objects.filter(base_id=base_id, status=KnowledgeStatus.INDEXING).update(
-        status=KnowledgeStatus.ERROR, error_code=getattr(exc, "code", "model_load_failed"), error=detail, data=b"")
+        status=KnowledgeStatus.ERROR, error_code=code, error=detail, data=b"")
     KnowledgeBase.objects.filter(pk=base_id).update(
         status=KnowledgeStatus.READY if KnowledgeBase.objects.filter(pk=base_id, chunk_count__gt=0).exists()
         else KnowledgeStatus.ERROR, error=detail)
@@ -114,10 +125,13 @@ def _ingest(base_id: int, embedder: Embedder, indexed_by: str) -> None:
         # Deleted while it was indexed: what was built goes with it.
         log.info("knowledge base %s was deleted while it was indexed", base_id)
         if index_path is not None:
-            shutil.rmtree(index_path, ignore_errors=True)
+            Index.drop(index_path)
         return
     if previous and (index_path is None or Path(previous) != index_path):
-        shutil.rmtree(Path(settings.KNOWLEDGE_DIR) / previous, ignore_errors=True)
+        try:
+            Index.drop(Path(settings.KNOWLEDGE_DIR) / previous)
+        except QdrantUnavailable:  # the new index is in use: the old collection is left over, not a failure
+            log.warning("knowledge base %s: old index %s not dropped", base_id, previous, exc_info=True)
 
 
 def _switch(base_id: int, embedder: Embedder, *, waiting, failed, new_chunks, first: int, index_path,
