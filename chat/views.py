@@ -44,6 +44,8 @@ def index(request: HttpRequest, conversation_id: int | None = None) -> HttpRespo
         "gpu_url": reverse("api-gpu"),
         "conversations_url": reverse("api-conversations"),
         "messages_url": reverse("api-message", args=[0]).removesuffix("0/"),
+        # CONTRACT §8: the user's knowledge bases (knowledge.js).
+        "knowledge_url": reverse("api-knowledge"),
         "page_url": reverse("index"),
         "conversation": conversation_id,
         # The APIs that change things are POST/PATCH/DELETE behind Django's CSRF check.

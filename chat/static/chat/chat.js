@@ -1,5 +1,6 @@
-// The chat page: the websocket protocol of CONTRACT §4, the composer, the
-// model picker, and the wiring of the conversation list and the GPU panel.
+// The chat page: the websocket protocol of CONTRACT §4 (with §8's sources
+// and §9's translations), the composer, the model picker, and the wiring of
+// the conversation list, the knowledge panel and the GPU panel.
 // Every piece of server or user text reaches the page through textContent
 // (replies through markdown.js, which builds nodes): model output is
 // untrusted and never becomes live HTML.
@@ -7,6 +8,9 @@ import { el, request, randomId, setCsrfToken, copyText, humanBytes, HttpError, L
 import { Reply } from "./reply.js";
 import { GpuPanel, ownerLabel } from "./gpu.js";
 import { ConversationList, conversationTitle } from "./conversations.js";
+import { KnowledgePanel } from "./knowledge.js";
+import { Question } from "./question.js";
+import { Translator } from "./translate.js";
 
 const config = JSON.parse(document.getElementById("page-config").textContent);
 setCsrfToken(config.csrf_token);
@@ -28,18 +32,27 @@ const els = {
   content: $("content"), send: $("send"), stop: $("stop"), status: $("status"), alert: $("alert"),
   title: $("chat-title"), sidebar: $("sidebar"), gpuPanel: $("gpu-panel"),
   toggleSidebar: $("toggle-sidebar"), toggleGpu: $("toggle-gpu"), newChat: $("new-chat"),
+  knowledgePicked: $("knowledge-picked"),
 };
 
 let socket = null;
 let connectedOnce = false;
 let reconnectMs = RECONNECT_MIN_MS;
 let conversation = config.conversation;
-let pending = null; // the send awaiting chat.accepted: { clientId, content, model, reply, user }
+let pending = null; // the send awaiting chat.accepted: { clientId, content, model, reply, question }
 let loadToken = 0;
 let loading = false; // a conversation is being read: a send now would land before its history
 let modelsLoaded = false;
 const replies = new Map(); // message id -> Reply, for the conversation shown
 const early = new Map(); // message id -> frames that came before the message was on the page
+const unnamed = new Set(); // Questions sent from this page whose ids are not known yet
+const translator = new Translator({
+  send: (frame) => {
+    if (!isOpen()) return false;
+    sendFrame(frame);
+    return true;
+  },
+});
 
 // ---- helpers ------------------------------------------------------------------
 
@@ -95,15 +108,22 @@ function setTitle() {
 
 // ---- messages -------------------------------------------------------------------
 
-function userItem(content) {
-  const li = el("li", "msg user");
-  const who = el("p", "msg-who visually-hidden", gettext("You"));
-  li.append(who, el("div", "msg-body plain", content));
-  return li;
+function newReply(model) {
+  const reply = new Reply({ model, formatters, translations: translator.create({ markdown: true }) });
+  wireReply(reply);
+  return reply;
+}
+
+function storedQuestion(m) {
+  const question = new Question({ content: m.content, translations: translator.create({ markdown: false }) });
+  translator.attach(m.id, question.translations);
+  question.stored(m);
+  return question;
 }
 
 function addReply(reply) {
   replies.set(reply.id, reply);
+  translator.attach(reply.id, reply.translations);
   replay(reply.id);
   if (reply.wantsPolling) poll(reply);
 }
@@ -137,10 +157,31 @@ async function afterEnd(reply) {
   conversations.refresh();
   refreshModels();
   gpu.refresh();
+  nameQuestions();
   try {
     reply.finalize(await request(`${config.messages_url}${reply.id}/`));
   } catch { /* the frame's figures stay */ }
   updateControls();
+}
+
+// Questions sent from this page learn their ids from the stored conversation
+// (by the client_id they were sent with) once their reply has ended; then
+// they can be translated.
+async function nameQuestions() {
+  if (!unnamed.size || conversation === null) return;
+  const token = loadToken;
+  let data;
+  try {
+    data = await request(`${config.conversations_url}${conversation}/`);
+  } catch { return; } // the next reply's end tries again
+  if (token !== loadToken) return;
+  for (const question of unnamed) {
+    const m = data.messages.find((x) => x.role === "user" && x.client_id === question.clientId);
+    if (!m) continue;
+    unnamed.delete(question);
+    translator.attach(m.id, question.translations);
+    question.stored(m);
+  }
 }
 
 // Shows a conversation from the database; answers its messages, or null.
@@ -149,6 +190,8 @@ async function openConversation(id, { push = false, replace = false } = {}) {
   conversation = id;
   pending = null;
   replies.clear();
+  unnamed.clear();
+  translator.clear();
   els.messages.replaceChildren();
   conversations.setActive(id);
   const url = id ? conversations.href(id) : config.page_url;
@@ -180,10 +223,11 @@ async function openConversation(id, { push = false, replace = false } = {}) {
   document.title = `${conversationTitle(data.conversation)} · GPU Chat`;
   for (const m of data.messages) {
     if (m.role === "user") {
-      els.messages.append(userItem(m.content));
+      els.messages.append(storedQuestion(m).li);
     } else {
-      const reply = Reply.restored(m, formatters);
+      const reply = Reply.restored(m, formatters, translator.create({ markdown: true }));
       wireReply(reply);
+      reply.translations.restore(m.translations);
       els.messages.append(reply.li);
       addReply(reply);
     }
@@ -221,6 +265,7 @@ const handlers = {
     addReply(reply);
     updateControls();
   },
+  "chat.sources"(f) { replies.get(f.message)?.setSources(f.sources); },
   "chat.delta"(f) { replies.get(f.message)?.delta(f.seq, f.text); },
   "gpu.switch"(f) {
     replies.get(f.message)?.step(f);
@@ -235,10 +280,13 @@ const handlers = {
       // nothing was stored, so the question goes back into the composer.
       if (pending) {
         pending.reply.li.remove();
-        pending.user.remove();
+        pending.question.li.remove();
+        unnamed.delete(pending.question);
         if (!els.content.value) els.content.value = pending.content;
         pending = null;
       }
+      // A picked base gone or indexing again (unknown_knowledge, knowledge_not_ready).
+      if (f.code.includes("knowledge")) knowledge.refresh();
       setAlert(`${f.detail} (${f.code})`);
       updateControls();
       return;
@@ -254,10 +302,11 @@ function end(f) {
   afterEnd(reply);
 }
 
-const PER_MESSAGE = new Set(["chat.delta", "chat.done", "chat.error", "gpu.switch"]);
+const PER_MESSAGE = new Set(["chat.sources", "chat.delta", "chat.done", "chat.error", "gpu.switch"]);
 
 function handle(frame) {
-  if (!frame || !Object.prototype.hasOwnProperty.call(handlers, frame.type)) return;
+  if (!frame || translator.handle(frame)) return;
+  if (!Object.prototype.hasOwnProperty.call(handlers, frame.type)) return;
   if (PER_MESSAGE.has(frame.type) && frame.message != null && !replies.has(frame.message)) {
     // A worker's frames can overtake the consumer's own chat.accepted, and
     // a reloaded conversation's frames can come before its messages do.
@@ -374,14 +423,18 @@ async function refreshModels() {
 function send(content, model) {
   if (!content.trim() || !model || loading || active() || !isOpen()) return false;
   setAlert("");
-  const reply = new Reply({ model, formatters });
-  wireReply(reply);
-  const user = userItem(content);
-  els.messages.append(user, reply.li);
+  const reply = newReply(model);
+  const clientId = randomId();
+  const question = new Question({ content, clientId, translations: translator.create({ markdown: false }) });
+  unnamed.add(question);
+  els.messages.append(question.li, reply.li);
   toBottom();
   reply.render();
-  pending = { clientId: randomId(), content, model, reply, user };
-  sendFrame({ type: "chat.send", model, content, conversation, client_id: pending.clientId });
+  pending = { clientId, content, model, reply, question };
+  const frame = { type: "chat.send", model, content, conversation, client_id: clientId };
+  const bases = knowledge.picked();
+  if (bases.length) frame.knowledge = bases;
+  sendFrame(frame);
   updateControls();
   return true;
 }
@@ -399,6 +452,7 @@ async function regenerate(reply) {
   if (asked && asked.classList.contains("user")) asked.remove();
   reply.li.remove();
   replies.delete(reply.id);
+  translator.forget(reply.id);
   send(question.content, els.model.value || question.model);
 }
 
@@ -497,6 +551,15 @@ const conversations = new ConversationList({
   onDeleted: (id) => { if (id === conversation) openConversation(null, { push: true }); },
 });
 conversations.onRenamed = (id) => { if (id === conversation) setTitle(); };
+const knowledge = new KnowledgePanel({
+  url: config.knowledge_url, root: $("knowledge"),
+  onChange: () => {
+    const names = knowledge.pickedBases().map((b) => b.name);
+    els.knowledgePicked.textContent = interpolate(gettext("Answers will use: %(names)s"),
+      { names: names.join(", ") }, true);
+    els.knowledgePicked.hidden = !names.length;
+  },
+});
 
 window.addEventListener("popstate", (event) => {
   openConversation(event.state && event.state.conversation != null ? event.state.conversation : null);
@@ -506,6 +569,7 @@ history.replaceState({ conversation }, "", location.pathname);
 // Wide screens show the GPU panel as a column; narrower ones keep it in a drawer.
 if (window.matchMedia("(min-width: 1100px)").matches) setDrawer("gpu", true);
 gpu.start();
+knowledge.refresh();
 conversations.refresh().then(setTitle);
 refreshModels().then(() => openConversation(conversation));
 setInterval(() => { if (!document.hidden) refreshModels(); }, MODELS_REFRESH_MS);

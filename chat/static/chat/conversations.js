@@ -1,24 +1,7 @@
 // The conversation list: open, rename (inline), delete (with an inline
 // confirmation rather than a browser dialog), and a mark on conversations
 // whose reply is still being written.
-import { el, request } from "./util.js";
-
-const SVG_NS = "http://www.w3.org/2000/svg";
-const ICONS = {
-  rename: "M4 20h4L19 9l-4-4L4 16v4zM14 6l4 4",
-  delete: "M5 7h14M10 11v6M14 11v6M6 7l1 13h10l1-13M9 7V4h6v3",
-};
-
-function icon(name) {
-  const svg = document.createElementNS(SVG_NS, "svg");
-  svg.setAttribute("viewBox", "0 0 24 24");
-  svg.setAttribute("aria-hidden", "true");
-  svg.setAttribute("focusable", "false");
-  const path = document.createElementNS(SVG_NS, "path");
-  path.setAttribute("d", ICONS[name]);
-  svg.append(path);
-  return svg;
-}
+import { el, icon, request } from "./util.js";
 
 export function conversationTitle(c) {
   return c.title || interpolate(gettext("Conversation %(id)s"), { id: c.id }, true);

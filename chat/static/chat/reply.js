@@ -14,8 +14,12 @@
 // (a model repeating itself), so when the reply ends the page replaces its
 // text with the stored final text: what stays on screen is always the
 // database's.
+//
+// A knowledge-assisted reply also shows its sources (sources.js), and a
+// finished one its translations (translate.js, made by the page).
 import { el, seconds } from "./util.js";
 import { renderMarkdown } from "./markdown.js";
+import { citationClicked, citeMarks, sourcesElement } from "./sources.js";
 
 const FINISHED = new Set(["done", "cancelled", "error"]);
 
@@ -71,7 +75,7 @@ function stepKey(f) {
 }
 
 export class Reply {
-  constructor({ model, formatters }) {
+  constructor({ model, formatters, translations }) {
     this.id = null;
     this.model = model;
     this.fmt = formatters; // { bytes, owner }
@@ -91,14 +95,20 @@ export class Reply {
     this.steps = el("ul", "msg-steps");
     this.steps.setAttribute("aria-label", gettext("GPU steps"));
     this.body = el("div", "msg-body md");
+    this.body.addEventListener("click", citationClicked);
+    this.sources = [];
+    this.sourcesSlot = el("div", "msg-sources-slot");
+    this.translations = translations;
     this.meta = el("p", "msg-meta");
     this.error = el("p", "msg-error");
     this.actions = el("div", "msg-actions");
     this.copyButton = this.action("copy", gettext("Copy"));
     this.regenButton = this.action("regenerate", gettext("Regenerate"));
     this.regenButton.title = gettext("Ask again, with the model selected below");
+    this.actions.append(translations.group);
     this.actions.hidden = true;
-    this.li.append(head, this.steps, this.body, this.error, this.meta, this.actions);
+    this.li.append(head, this.steps, this.body, this.error, this.sourcesSlot, translations.list, this.meta,
+      this.actions);
   }
 
   action(name, label) {
@@ -109,9 +119,10 @@ export class Reply {
     return button;
   }
 
-  static restored(data, formatters) {
-    const reply = new Reply({ model: data.model, formatters });
+  static restored(data, formatters, translations) {
+    const reply = new Reply({ model: data.model, formatters, translations });
     reply.id = data.id;
+    reply.setSources(data.sources);
     if (FINISHED.has(data.status)) {
       reply.finalize(data);
     } else {
@@ -233,6 +244,13 @@ export class Reply {
     }
   }
 
+  // `chat.sources`, before the reply's first delta; or a stored reply's.
+  setSources(sources) {
+    this.sources = Array.isArray(sources) ? sources : [];
+    this.sourcesSlot.replaceChildren(...(this.sources.length ? [sourcesElement(this.id, this.sources)] : []));
+    this.render();
+  }
+
   stop() {
     this.stopping = true;
     this.render();
@@ -272,6 +290,7 @@ export class Reply {
     this.stepsEnd(null);
     this.actions.hidden = false;
     this.copyButton.hidden = !this.text;
+    this.translations.group.hidden = !this.text;
     this.render();
   }
 
@@ -311,8 +330,10 @@ export class Reply {
       const text = this.done ? this.text : this.shown;
       this.li.classList.toggle("placeholder", !text && !this.done);
       this.li.classList.toggle("streaming", !this.done);
-      if (text) this.body.replaceChildren(renderMarkdown(text));
-      else this.body.replaceChildren(this.done ? (this.status === "error" ? "" : gettext("(no output)"))
+      if (text) {
+        this.body.replaceChildren(renderMarkdown(text));
+        citeMarks(this.body, this.id, this.sources);
+      } else this.body.replaceChildren(this.done ? (this.status === "error" ? "" : gettext("(no output)"))
         : el("span", "msg-wait", this.placeholder()));
     });
   }

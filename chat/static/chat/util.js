@@ -10,6 +10,25 @@ export function el(tag, className, text) {
   return node;
 }
 
+const SVG_NS = "http://www.w3.org/2000/svg";
+const ICONS = {
+  rename: "M4 20h4L19 9l-4-4L4 16v4zM14 6l4 4",
+  delete: "M5 7h14M10 11v6M14 11v6M6 7l1 13h10l1-13M9 7V4h6v3",
+  upload: "M12 16V4M7 9l5-5 5 5M5 20h14",
+};
+
+// A line icon for an icon button; the button carries the accessible name.
+export function icon(name) {
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("aria-hidden", "true");
+  svg.setAttribute("focusable", "false");
+  const path = document.createElementNS(SVG_NS, "path");
+  path.setAttribute("d", ICONS[name]);
+  svg.append(path);
+  return svg;
+}
+
 // Decimal units, so that "GB" on the page means 10^9 bytes, as in the README.
 export function humanBytes(n) {
   if (typeof n !== "number" || !Number.isFinite(n)) return "?";
@@ -42,13 +61,17 @@ export class HttpError extends Error {
 }
 
 // JSON in and out, same-origin, with the CSRF token on anything that writes.
-// An expired session (a redirect to the login page, or 401) goes to log in.
+// A FormData body goes as multipart (uploads), with the boundary the browser
+// sets itself. An expired session (a redirect to the login page, or 401)
+// goes to log in.
 export async function request(url, { method = "GET", body } = {}) {
   const headers = { Accept: "application/json" };
   if (method !== "GET") headers["X-CSRFToken"] = csrfToken;
-  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const multipart = body instanceof FormData;
+  if (body !== undefined && !multipart) headers["Content-Type"] = "application/json";
   const resp = await fetch(url, {
-    method, headers, credentials: "same-origin", body: body === undefined ? undefined : JSON.stringify(body),
+    method, headers, credentials: "same-origin",
+    body: body === undefined || multipart ? body : JSON.stringify(body),
   });
   if (resp.status === 401 || (resp.redirected && new URL(resp.url).pathname.startsWith("/accounts/login"))) {
     location.assign(LOGIN_URL + encodeURIComponent(location.pathname));
