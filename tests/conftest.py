@@ -75,6 +75,17 @@ def demo_model(transactional_db):
 
 
 @pytest.fixture
+def demo_engines(transactional_db):
+    """The demo embedder and translator (issue 15), as `make run` configures them."""
+    from chat.catalog import catalog_forget
+    from chat.management.commands.demo_model import demo_engines_ensure
+
+    configs = demo_engines_ensure()
+    catalog_forget()
+    return configs
+
+
+@pytest.fixture
 def user(transactional_db):
     return user_create("alice", "pw-alice-123")
 

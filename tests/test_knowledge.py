@@ -9,8 +9,6 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.test import Client
 
-from chat.catalog import catalog_forget
-from chat.management.commands.demo_model import demo_engines_ensure
 from chat.models import KnowledgeBase, KnowledgeChunk, Message
 from gpu_manager.state import GpuStateStore
 from tests.support import ROOT
@@ -20,13 +18,6 @@ from tests.support.waiting import wait_for
 
 DOCUMENTS = json.loads((ROOT / "tests" / "data" / "knowledge_set.json").read_text())["documents"]
 INGEST_TIMEOUT = 120.0
-
-
-@pytest.fixture
-def demo_engines(transactional_db):
-    configs = demo_engines_ensure()
-    catalog_forget()
-    return configs
 
 
 def store() -> GpuStateStore:
@@ -138,7 +129,6 @@ def test_another_users_base_is_refused_everywhere(user, demo_engines, workers):
 
 
 # --- replies ---------------------------------------------------------------------
-
 
 
 @pytest.mark.asyncio

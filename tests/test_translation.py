@@ -5,8 +5,6 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from chat.catalog import catalog_forget
-from chat.management.commands.demo_model import demo_engines_ensure
 from chat.models import Message, ModelConfig, Translation
 from chat.translations import CPU_NOTE
 from gpu_manager.state import GpuStateStore
@@ -14,13 +12,6 @@ from tests.support.sockets import communicator, frames_until, send_and_finish
 from tests.support.users import user_create
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def demo_engines(transactional_db):
-    configs = demo_engines_ensure()
-    catalog_forget()
-    return configs
 
 
 def store() -> GpuStateStore:

@@ -16,8 +16,6 @@ import re
 
 import pytest
 
-from chat.catalog import catalog_forget
-from chat.management.commands.demo_model import demo_engines_ensure
 from tests.support import browser as ui_support
 from tests.test_ui_chat import REPLY_MS, demo, open_chat, send, wait_done  # noqa: F401 (a fixture)
 
@@ -68,14 +66,6 @@ def server(request, stack, workers):
 def browser(server):
     with ui_support.chromium() as chromium:
         yield chromium
-
-
-@pytest.fixture
-def demo_engines(transactional_db):
-    """The demo embedder and the demo translator (both targets), as `make run` configures them."""
-    configs = demo_engines_ensure()
-    catalog_forget()
-    return configs
 
 
 @pytest.fixture(params=list(LANGUAGES))

@@ -22,7 +22,6 @@ from pathlib import Path
 from django.conf import settings
 
 from chat.catalog import ModelChoice
-from chat.knowledge.ingest import Embedder
 from chat.knowledge.search import Hit, Index
 from chat.models import KnowledgeBase, KnowledgeChunk, KnowledgeStatus, Message
 

@@ -1,7 +1,7 @@
 // The conversation list: open, rename (inline), delete (with an inline
 // confirmation rather than a browser dialog), and a mark on conversations
 // whose reply is still being written.
-import { el, icon, request } from "./util.js";
+import { el, iconButton, request } from "./util.js";
 
 export function conversationTitle(c) {
   return c.title || interpolate(gettext("Conversation %(id)s"), { id: c.id }, true);
@@ -80,22 +80,13 @@ export class ConversationList {
     });
     const actions = el("div", "conv-actions");
     actions.append(
-      this.iconButton("rename", interpolate(gettext("Rename “%(title)s”"), { title }, true), () => this.rename(li, c)),
-      this.iconButton("delete", interpolate(gettext("Delete “%(title)s”"), { title }, true), () => this.confirm(li, c)),
+      iconButton("rename", interpolate(gettext("Rename “%(title)s”"), { title }, true), () => this.rename(li, c),
+        "conv-rename"),
+      iconButton("delete", interpolate(gettext("Delete “%(title)s”"), { title }, true), () => this.confirm(li, c),
+        "conv-delete"),
     );
     li.append(link, actions);
     return li;
-  }
-
-  iconButton(name, label, onClick) {
-    const button = el("button", `icon-button conv-${name}`);
-    button.type = "button";
-    button.dataset.role = name;
-    button.setAttribute("aria-label", label);
-    button.title = label;
-    button.append(icon(name));
-    button.addEventListener("click", onClick);
-    return button;
   }
 
   rename(li, c) {

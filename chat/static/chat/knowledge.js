@@ -3,7 +3,7 @@
 // files for a base, a base deleted (after an inline confirmation), and a
 // checkbox per base to answer from it. Each file's own error (no text
 // layer, encrypted, not a PDF…) is shown by its name.
-import { el, icon, request } from "./util.js";
+import { el, iconButton, request } from "./util.js";
 
 // The server indexes in a worker and reports progress on the base; the
 // page reads the list again this often while any base is indexing (issue 15).
@@ -184,12 +184,12 @@ export class KnowledgePanel {
     input.hidden = true;
     input.addEventListener("change", () => this.addFiles(base, [...input.files]));
     const actions = el("div", "kb-actions");
-    const add = this.iconButton("upload", interpolate(gettext("Add files to “%(name)s”"), { name: base.name }, true),
+    const add = iconButton("upload", interpolate(gettext("Add files to “%(name)s”"), { name: base.name }, true),
       () => input.click());
     add.disabled = this.uploading.has(base.id);
     actions.append(
       add,
-      this.iconButton("delete", interpolate(gettext("Delete “%(name)s”"), { name: base.name }, true),
+      iconButton("delete", interpolate(gettext("Delete “%(name)s”"), { name: base.name }, true),
         () => this.confirm(li, base)),
     );
     const row = el("div", "kb-row");
@@ -232,17 +232,6 @@ export class KnowledgePanel {
     }
     details.append(summary, list);
     return details;
-  }
-
-  iconButton(name, label, onClick) {
-    const button = el("button", "icon-button");
-    button.type = "button";
-    button.dataset.role = name;
-    button.setAttribute("aria-label", label);
-    button.title = label;
-    button.append(icon(name));
-    button.addEventListener("click", onClick);
-    return button;
   }
 
   confirm(li, base) {

@@ -29,6 +29,19 @@ export function icon(name) {
   return svg;
 }
 
+// A button showing only an icon, named for screen readers and on hover;
+// `className` adds the caller's own classes.
+export function iconButton(name, label, onClick, className = "") {
+  const button = el("button", `icon-button ${className}`.trim());
+  button.type = "button";
+  button.dataset.role = name;
+  button.setAttribute("aria-label", label);
+  button.title = label;
+  button.append(icon(name));
+  button.addEventListener("click", onClick);
+  return button;
+}
+
 // Decimal units, so that "GB" on the page means 10^9 bytes, as in the README.
 export function humanBytes(n) {
   if (typeof n !== "number" || !Number.isFinite(n)) return "?";
