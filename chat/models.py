@@ -165,6 +165,12 @@ class Message(models.Model):
     #: passages retrieved for it: null until retrieval ran ([] when none matched).
     knowledge = models.JSONField(null=True, blank=True)
     sources = models.JSONField(null=True, blank=True)
+    #: A `/v1` request's options for this reply, checked and in the
+    #: backend-neutral form of chat/params.py (null for the chat page's
+    #: messages, which take the model's admin defaults).
+    params = models.JSONField(null=True, blank=True)
+    #: The tool calls the reply asks for, in OpenAI's form (issue 16).
+    tool_calls = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -313,6 +319,8 @@ class BatchLine(models.Model):
     error_message = models.TextField(blank=True)
     message = models.OneToOneField(Message, null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="batch_line")
+    #: An embeddings line's result body (a `/v1/embeddings` line has no Message).
+    response = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["batch", "line"]

@@ -7,6 +7,7 @@ import functools
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, JsonResponse
 from django.utils.decorators import iscoroutinefunction, markcoroutinefunction
+from django.views.decorators.csrf import csrf_exempt
 
 from chat.api.keys import api_key_user
 from chat.completions import RequestError, error_body
@@ -45,6 +46,13 @@ def _key_error(request: HttpRequest) -> RequestError:
     return RequestError("invalid_api_key", message, status=401)
 
 
+def _refused(exc: CodedError, methods: tuple[str, ...]) -> JsonResponse:
+    response = error_response(exc)
+    if response.status_code == 405:
+        response["Allow"] = ", ".join(methods)  # RFC 9110 15.5.6: a 405 names the methods allowed
+    return response
+
+
 def api_view(*methods: str):
     """An API view: answers only `methods`, sets `request.user` from the API
     key (401 without a live one), and answers a coded error raised inside
@@ -68,7 +76,7 @@ def api_view(*methods: str):
                     request.user = user
                     return await view(request, *args, **kwargs)
                 except CodedError as exc:
-                    return error_response(exc)
+                    return _refused(exc, methods)
         else:
             def wrapped(request: HttpRequest, *args, **kwargs):
                 try:
@@ -80,7 +88,7 @@ def api_view(*methods: str):
                     request.user = user
                     return view(request, *args, **kwargs)
                 except CodedError as exc:
-                    return error_response(exc)
+                    return _refused(exc, methods)
         wrapped = functools.wraps(view)(wrapped)
         if iscoroutinefunction(view):
             markcoroutinefunction(wrapped)
@@ -90,7 +98,8 @@ def api_view(*methods: str):
     return decorate
 
 
+@csrf_exempt  # a POST with a Bearer key to a wrong path gets this 404, not the CSRF check's 403 page
 def not_found(request: HttpRequest, *args, **kwargs) -> JsonResponse:
     """Any other /v1/ path, in OpenAI's shape rather than Django's HTML page."""
-    return JsonResponse(error_body("invalid_request", f"Invalid URL ({request.method} {request.path})"),
+    return JsonResponse(error_body("not_found", f"Invalid URL ({request.method} {request.path})"),
                         status=404)
