@@ -333,7 +333,7 @@ def cancel_requested(message_id: int) -> bool:
 
 def message_finish(*, message_id: int, content: str, finish_reason: str, prompt_tokens: int,
                    completion_tokens: int, before: list[dict] = (), known: dict | None = None,
-                   first_token_at=None, queued_only: bool = False) -> bool:
+                   first_token_at=None, queued_only: bool = False, tool_calls: list[dict] | None = None) -> bool:
     """End a reply and send `chat.done`, once: a conditional update makes a
     second caller (a re-delivered task, a racing cancel) a no-op. `before`:
     the run's last frames (its pending text, chat/relay.py `take`), sent
@@ -341,17 +341,20 @@ def message_finish(*, message_id: int, content: str, finish_reason: str, prompt_
     model_name, queued_at, started_at and first_token_at, when the run has
     them (the metrics then need no query). `first_token_at`: written with
     the end, when the run has not written it yet. `queued_only`: only if
-    no run has started the reply (`message_cancel_queued`)."""
+    no run has started the reply (`message_cancel_queued`). `tool_calls`:
+    the calls the reply asks for (issue 16), on the reply and its end."""
     status = MessageStatus.CANCELLED if finish_reason == "cancelled" else MessageStatus.DONE
     extra = {"first_token_at": first_token_at} if first_token_at else {}
+    if tool_calls:
+        extra["tool_calls"] = tool_calls
     ended = _end(message_id, known=known, queued_only=queued_only, status=status, content=content,
                  finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  **extra)
     if ended:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
-        group_send(message_group(message_id), *before,
-                   {"type": "chat.done", "message": message_id, "finish_reason": finish_reason, "usage": usage})
+        done = {"type": "chat.done", "message": message_id, "finish_reason": finish_reason, "usage": usage}
+        group_send(message_group(message_id), *before, {**done, "tool_calls": tool_calls} if tool_calls else done)
     return ended
 
 

@@ -53,7 +53,7 @@ def message_admissible(*, user, model: str, content: str, priority: int | None =
 def message_enqueue(
     *, user, model: str, content: str, conversation_id: int | None, client_id: str = "",
     subscribe: Callable[[int], None] | None = None, priority: int | None = None,
-    choice: ModelChoice | None = None, knowledge: list[int] | None = None,
+    choice: ModelChoice | None = None, knowledge: list[int] | None = None, params: dict | None = None,
 ) -> Message:
     """Store a user turn and its pending reply, and queue the work after the
     transaction commits (a worker must find the rows it is given).
@@ -65,7 +65,8 @@ def message_enqueue(
     scheduler's answer as `reply.admission` (None: no GPU involved, or the
     commit is not over yet, inside an outer transaction). `knowledge`: the
     ids of the user's knowledge bases the reply draws on (CONTRACT §8):
-    each must be the user's and ready, or nothing is stored.
+    each must be the user's and ready, or nothing is stored. `params`: a
+    `/v1` request's checked options (chat/params.py), kept on the reply.
     """
     if choice is None:
         choice = message_admissible(user=user, model=model, content=content, priority=priority)
@@ -90,7 +91,8 @@ def message_enqueue(
                                model_name=choice.name, client_id=client_id, queued_at=now, finished_at=now)
         reply = Message.objects.create(conversation=conversation, role=Message.Role.ASSISTANT,
                                        model_name=choice.name, client_id=client_id,
-                                       status=MessageStatus.QUEUED, queued_at=now, knowledge=knowledge or None)
+                                       status=MessageStatus.QUEUED, queued_at=now, knowledge=knowledge or None,
+                                       params=params)
         reply.admission = None
 
         def after_commit() -> None:

@@ -57,6 +57,8 @@ class ChatChunk:
     completion_tokens: int = 0
     #: The final chunk's `load_duration`: seconds Ollama spent loading the model.
     load_seconds: float = 0.0
+    #: Tool calls in this chunk, as {"name", "arguments" (an object)}.
+    tool_calls: tuple[dict, ...] = ()
 
 
 @functools.lru_cache(maxsize=32)
@@ -125,15 +127,21 @@ def ollama_unload_all(base_url: str, *, timeout: float, poll: float) -> UnloadRe
 
 
 def ollama_chat_stream(
-    base_url: str, *, model: str, messages: list[dict], options: dict
+    base_url: str, *, model: str, messages: list[dict], options: dict, tools: list[dict] | None = None,
+    format: str | dict | None = None,
 ) -> Iterator[ChatChunk]:
     """Stream a chat reply (`POST /api/chat`, NDJSON). Closing the generator
-    closes the HTTP response, which is how a cancel stops Ollama's work."""
+    closes the HTTP response, which is how a cancel stops Ollama's work.
+    `tools` and `format` (JSON mode, or a JSON schema) as docs/api.md gives
+    them; a message's `images` must be bytes (chat/params.py says why)."""
     # The client's stream is a generator: errors surface while iterating.
-    stream = _call(base_url, lambda c: c.chat(model=model, messages=messages, options=options, stream=True))
+    stream = _call(base_url, lambda c: c.chat(model=model, messages=messages, options=options, tools=tools,
+                                               format=format, stream=True))
     try:
         with _translated(base_url):
             for part in stream:
+                calls = tuple({"name": c.function.name, "arguments": dict(c.function.arguments or {})}
+                              for c in part.message.tool_calls or ())
                 if part.done:
                     yield ChatChunk(
                         text=part.message.content or "",
@@ -142,6 +150,7 @@ def ollama_chat_stream(
                         prompt_tokens=part.prompt_eval_count or 0,
                         completion_tokens=part.eval_count or 0,
                         load_seconds=(part.load_duration or 0) / 1e9,
+                        tool_calls=calls,
                     )
                     # Read the body to its end: a response closed before
                     # it cannot go back to the pool, and the next reply
@@ -150,7 +159,40 @@ def ollama_chat_stream(
                     for _ in stream:
                         pass
                     return
-                yield ChatChunk(text=part.message.content or "")
+                yield ChatChunk(text=part.message.content or "", tool_calls=calls)
     finally:
         stream.close()
     raise OllamaUnavailable(f"Ollama at {base_url} ended the stream without its final chunk")
+
+
+# --- embeddings (issue 16) ------------------------------------------------------
+
+@dataclass(frozen=True)
+class OllamaEmbeddings:
+    vectors: list[list[float]]
+    #: Ollama's `prompt_eval_count`: the tokens of every input together.
+    prompt_tokens: int
+
+
+class OllamaRefused(OllamaError):
+    """Ollama answered 400 to a request it understood but will not serve
+    (a model that does not embed, a dimension it cannot give): the caller's
+    request is at fault, not the server."""
+
+    code = "invalid_request"
+
+
+def ollama_embed(base_url: str, *, model: str, inputs: list[str], dimensions: int | None = None,
+                 options: dict | None = None, keep_alive: float | str | None = None) -> OllamaEmbeddings:
+    """Vectors for `inputs` (`POST /api/embed`), one per input, in order.
+    `options` are Ollama's model options (`{"num_gpu": 0}`: on the CPU);
+    `keep_alive`: how long Ollama keeps the model loaded afterwards."""
+    try:
+        answer = _call(base_url, lambda c: c.embed(model=model, input=inputs, dimensions=dimensions,
+                                                   options=options, keep_alive=keep_alive))
+    except OllamaError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ollama.ResponseError) and cause.status_code == 400:
+            raise OllamaRefused(f"Ollama at {base_url}: {cause.error}") from cause
+        raise
+    return OllamaEmbeddings(vectors=[list(v) for v in answer.embeddings], prompt_tokens=answer.prompt_eval_count or 0)

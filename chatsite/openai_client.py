@@ -36,6 +36,8 @@ class ChatChunk:
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: On the chunk with the finish reason: the tool calls, whole (OpenAI's form).
+    tool_calls: list[dict] | None = None
 
 
 @functools.lru_cache(maxsize=32)
@@ -76,23 +78,82 @@ def openai_models(base_url: str, api_key: str) -> list[str]:
 
 
 def openai_chat_stream(
-    base_url: str, api_key: str, *, model: str, messages: list[dict], max_tokens: int,
-    temperature: float, top_p: float,
+    base_url: str, api_key: str, *, model: str, messages: list[dict], arguments: dict,
 ) -> Iterator[ChatChunk]:
     """Stream a chat completion (SSE). Closing the generator closes the
-    response, which is how a cancel stops the upstream's work."""
+    response, which is how a cancel stops the upstream's work. `arguments`:
+    the request's other parameters, passed through as the body's own
+    (`extra_body`: the client then sends them whatever their name, as a
+    compatible server may know more than the client's typed signature).
+    Tool calls stream as fragments keyed by index; they are put together
+    and handed over whole with the finish reason."""
     with _translated(base_url, api_key):
         stream = openai_client(base_url, api_key).chat.completions.create(
-            model=model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, stream=True, stream_options={"include_usage": True},
+            model=model, messages=messages, stream=True, stream_options={"include_usage": True},
+            extra_body=arguments,
         )
+        calls: dict[int, dict] = {}
         with stream:
             for chunk in stream:
                 choice = chunk.choices[0] if chunk.choices else None
+                delta = choice.delta if choice else None
+                for part in (delta.tool_calls or ()) if delta else ():
+                    call = calls.setdefault(part.index, {"id": "", "type": "function",
+                                                         "function": {"name": "", "arguments": ""}})
+                    call["id"] = part.id or call["id"]
+                    if part.function:
+                        call["function"]["name"] += part.function.name or ""
+                        call["function"]["arguments"] += part.function.arguments or ""
+                finish = (choice.finish_reason or "") if choice else ""
                 usage = chunk.usage
                 yield ChatChunk(
-                    text=(choice.delta.content or "") if choice and choice.delta else "",
-                    finish_reason=(choice.finish_reason or "") if choice else "",
+                    text=(delta.content or "") if delta else "",
+                    finish_reason=finish,
                     prompt_tokens=usage.prompt_tokens if usage else 0,
                     completion_tokens=usage.completion_tokens if usage else 0,
+                    tool_calls=[calls[i] for i in sorted(calls)] if finish and calls else None,
                 )
+
+
+# --- embeddings (issue 16) ------------------------------------------------------
+
+class OpenAIRefused(OpenAIEndpointError):
+    """The endpoint answered 400: the request is at fault (a chat model asked
+    for embeddings, a dimension the model cannot give), so the caller gets
+    a 400 naming the endpoint's `param`, not a 502."""
+
+    code = "invalid_request"
+
+    def __init__(self, detail: str, *, param: str | None = None):
+        super().__init__(detail)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class OpenAIEmbeddings:
+    #: One per input, in order: a list of floats, or with encoding_format
+    #: "base64" the endpoint's base64 string of little-endian float32.
+    vectors: list
+    prompt_tokens: int
+    total_tokens: int
+
+
+def openai_embeddings(base_url: str, api_key: str, *, model: str, inputs: list, encoding_format: str,
+                      dimensions: int | None = None, user: str | None = None) -> OpenAIEmbeddings:
+    """`POST /v1/embeddings`, the caller's parameters passed as given.
+    `encoding_format` is always sent: left out, the client would ask for
+    base64 and decode it itself, and the endpoint would not see what the
+    caller asked for."""
+    optional = {k: v for k, v in (("dimensions", dimensions), ("user", user)) if v is not None}
+    with _translated(base_url, api_key):
+        try:
+            answer = openai_client(base_url, api_key).embeddings.create(
+                model=model, input=inputs, encoding_format=encoding_format, **optional)
+        except openai.BadRequestError as exc:
+            # Not through _translated's 502: OpenAIRefused is no openai error, so it passes it by.
+            raise OpenAIRefused(f"{base_url} refused the request: {_scrubbed(exc.message, api_key)}",
+                                param=exc.param) from None
+    rows = sorted(answer.data, key=lambda d: d.index)
+    usage = answer.usage
+    return OpenAIEmbeddings(vectors=[d.embedding for d in rows], prompt_tokens=usage.prompt_tokens if usage else 0,
+                            total_tokens=usage.total_tokens if usage else 0)

@@ -14,18 +14,21 @@ import threading
 import time
 import types
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from tokenizers.decoders import DecodeStream
 from transformers import (
-    AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList,
-    TextStreamer,
+    AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, LogitsProcessorList, StoppingCriteria,
+    StoppingCriteriaList, TextStreamer,
 )
 from transformers.generation.streamers import BaseStreamer
 
 from chatsite.errors import CodedError
+from gpu_manager.generation import (
+    GenerationRefused, Penalties, StopText, sequence_bias, template_takes_tools, tool_calls_parse,
+)
 from gpu_manager.memory import memory_release
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,9 @@ class GenerationResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "tool_calls"
+    #: Tool calls read out of the text: (name, arguments) dicts.
+    tool_calls: list[dict] = field(default_factory=list)
 
 
 class EngineLoadError(CodedError):
@@ -138,18 +143,23 @@ def _relay(tokenizer, on_text: Callable[[str], None]) -> _StreamRelay | _TextRel
 
 class _StopWhen(StoppingCriteria):
     """Stops generation after the current token when `should_stop()` says
-    so (finish "cancelled") or once `deadline` (time.monotonic()) passed
-    (finish "length": the reply is cut short, as by a token limit)."""
+    so (finish "cancelled"), once `deadline` (time.monotonic()) passed
+    (finish "length": the reply is cut short, as by a token limit), or when
+    `matched()` says a stop sequence came (finish "stop")."""
 
-    def __init__(self, should_stop: Callable[[], bool], deadline: float | None):
+    def __init__(self, should_stop: Callable[[], bool], deadline: float | None,
+                 matched: Callable[[], bool] = lambda: False):
         self.should_stop = should_stop
         self.deadline = deadline
+        self.matched = matched
         self.reason = ""
         self._answers: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         if not self.reason:
-            if self.should_stop():
+            if self.matched():
+                self.reason = "stop"
+            elif self.should_stop():
                 self.reason = "cancelled"
             elif self.deadline is not None and time.monotonic() >= self.deadline:
                 self.reason = "length"
@@ -272,35 +282,65 @@ class LocalEngine:
     def generate(
         self, messages: list[dict], *, max_new_tokens: int, temperature: float, top_p: float,
         on_text: Callable[[str], None], should_stop: Callable[[], bool], deadline: float | None = None,
+        stop: list[str] | tuple[str, ...] = (), seed: int | None = None, presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None, tools: list[dict] | None = None,
     ) -> GenerationResult:
         """Generate a reply to `messages`, handing text to `on_text` as it
         decodes. Stops early when `should_stop()` turns true, or at the first
-        token after `deadline` (a time.monotonic() value), if given."""
+        token after `deadline` (a time.monotonic() value), if given.
+
+        A request's options (issue 16, chat/params.py `local_arguments`):
+        `stop` sequences end the reply before them (finish "stop"); `seed`
+        makes sampling repeatable; OpenAI's penalties and `logit_bias` (this
+        model's token ids) shape the logits. With `tools`, the chat template
+        renders them (GenerationRefused when it cannot), and the text is
+        handed over once whole, without the tool calls read out of it:
+        streamed, the markup of a call would reach the client as text."""
         if not self.loaded:
             raise RuntimeError(f"{self.name} is not loaded")
+        if tools and not template_takes_tools(self.tokenizer):
+            raise GenerationRefused(f"{self.name}'s chat template does not take tools.")
         self.touch()
         inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            messages, tools=tools or None, add_generation_prompt=True, return_tensors="pt", return_dict=True
         ).to(self.model.device)
         prompt_tokens = inputs["input_ids"].shape[1]
-        relay = _relay(self.tokenizer, on_text)
-        stop = _StopWhen(should_stop, deadline)
+        # With tools, the text goes out once whole (below), so nothing streams.
+        stops = StopText(stop, (lambda text: None) if tools else on_text)
+        relay = _relay(self.tokenizer, stops.push)
+        halt = _StopWhen(should_stop, deadline, matched=lambda: stops.hit)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False}
+        if seed is not None:
+            torch.manual_seed(seed)  # every device's generator; the worker generates one reply at a time
+        processors = LogitsProcessorList()
+        if presence_penalty or frequency_penalty:
+            processors.append(Penalties(prompt_tokens=prompt_tokens, presence=presence_penalty,
+                                        frequency=frequency_penalty))
         output = self.model.generate(
             **inputs, max_new_tokens=max_new_tokens, streamer=relay,
-            stopping_criteria=StoppingCriteriaList([stop]),
+            stopping_criteria=StoppingCriteriaList([halt]), logits_processor=processors,
+            sequence_bias=sequence_bias(logit_bias or {}, self.model.config.vocab_size),
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **sampling,
         )
+        stops.flush()
         completion_tokens = output.shape[1] - prompt_tokens
-        if stop.reason:
-            finish = stop.reason
+        if halt.reason:
+            finish = halt.reason
         elif completion_tokens >= max_new_tokens:
             finish = "length"
         else:
             finish = "stop"
+        text, calls = stops.text, []
+        if tools:
+            prompt = self.tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=False)
+            text, calls = tool_calls_parse(self.tokenizer, text, prompt=prompt, tools=tools)
+            if text:
+                on_text(text)
+            if calls and finish == "stop":
+                finish = "tool_calls"
         self.touch()
-        return GenerationResult("".join(relay.parts), prompt_tokens, completion_tokens, finish)
+        return GenerationResult(text, prompt_tokens, completion_tokens, finish, calls)
 
 
 class EmbeddingEngine(LocalEngine):

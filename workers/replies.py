@@ -29,6 +29,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from chat import params
 from chat.catalog import ModelChoice, endpoints, local_spec, local_specs_preload, model_resolve
 from chat.dispatch import (
     ReplyHold, cancel_requested, cpu_generate_queue, message_dispatch, message_fail, message_finish,
@@ -63,6 +64,7 @@ class Outcome:
     finish_reason: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: list[dict] | None = None  # OpenAI's form
 
 
 def db_release() -> None:
@@ -152,7 +154,7 @@ class _Run:
         self.hold.ended = message_finish(
             message_id=self.reply.pk, content=self.relay.text, finish_reason=outcome.finish_reason,
             prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens, before=before,
-            known=self.known(), **self.first_token_fields())
+            known=self.known(), tool_calls=outcome.tool_calls, **self.first_token_fields())
 
 
 def reply_start(message_id: int, choice: ModelChoice | None = None) -> tuple[Message, ModelChoice] | None:
@@ -181,12 +183,21 @@ def reply_start(message_id: int, choice: ModelChoice | None = None) -> tuple[Mes
 
 
 def history(reply: Message) -> list[dict]:
-    """The conversation up to this reply, as chat messages. Failed and
-    cancelled replies are left out: they would teach the model nonsense."""
-    turns = reply.conversation.messages.filter(pk__lt=reply.pk).exclude(
-        role=Message.Role.ASSISTANT, status__in=[MessageStatus.ERROR, MessageStatus.QUEUED])
-    messages = [{"role": m.role, "content": m.content} for m in turns if m.content]
+    """The conversation up to this reply, as OpenAI's chat messages: the
+    `/v1` request's own when they carry more than text (tool calls, images:
+    chat/completions.py), else the stored turns. Failed and cancelled
+    replies are left out: they would teach the model nonsense."""
+    messages = (reply.params or {}).get("messages")
+    if not messages:
+        turns = reply.conversation.messages.filter(pk__lt=reply.pk).exclude(
+            role=Message.Role.ASSISTANT, status__in=[MessageStatus.ERROR, MessageStatus.QUEUED])
+        messages = [{"role": m.role, "content": m.content} for m in turns if m.content]
     return prompt_with_sources(messages, reply.sources)  # CONTRACT §8: the same for every model kind
+
+
+def request_options(reply: Message) -> dict:
+    """The request's checked options (chat/params.py); none for the page's messages."""
+    return (reply.params or {}).get("options") or {}
 
 
 def switch_notifier(message_id: int) -> Callable[[str, dict], None]:
@@ -306,12 +317,11 @@ def local_reply_generate(*, message_id: int | None, hold: ReplyHold | None, mana
             return
         choice = hold.choice or model_resolve(reply.model_name)
         run = _Run(reply, hold)
-        gen = choice.generation
         began = time.perf_counter()
         try:
             result = manager.engine(choice.name).generate(
-                history(reply), max_new_tokens=gen["max_new_tokens"], temperature=gen["temperature"],
-                top_p=gen["top_p"], on_text=run.relay.push, should_stop=run.should_stop, deadline=hold.deadline,
+                params.local_messages(history(reply)), on_text=run.relay.push, should_stop=run.should_stop,
+                deadline=hold.deadline, **params.local_arguments(request_options(reply), choice.generation),
             )
         except Exception as exc:
             if run.superseded():  # the reply, and its end, are the other run's
@@ -319,7 +329,9 @@ def local_reply_generate(*, message_id: int | None, hold: ReplyHold | None, mana
             run.fail(exc)
             raise
         scheduler.observe("serve:local", time.perf_counter() - began)
-        run.finish(Outcome(result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens))
+        calls = [params.tool_call(c["name"], c["arguments"]) for c in result.tool_calls] or None
+        run.finish(Outcome(result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens,
+                           calls))
 
 
 def _external_acquire(choice: ModelChoice, message_id: int, manager: GpuManager) -> None:
@@ -381,10 +393,11 @@ def _stream(run: _Run, chunks: Iterator[tuple[str, str, int, int]], *, lease: Le
     outcome = Outcome(text="", finish_reason="stop")
     upstream_ended = False
     try:
-        for text, finish, prompt_tokens, completion_tokens in chunks:
+        for text, finish, prompt_tokens, completion_tokens, tool_calls in chunks:
             if lease is not None and lease.lost:
                 raise LeaseLost(f"the GPU lease of message {run.reply.pk} expired while it streamed")
             run.relay.push(text)
+            outcome.tool_calls = tool_calls or outcome.tool_calls
             outcome.finish_reason = finish or outcome.finish_reason
             outcome.prompt_tokens = prompt_tokens or outcome.prompt_tokens
             outcome.completion_tokens = completion_tokens or outcome.completion_tokens
@@ -429,25 +442,29 @@ def _ollama_observe(seconds: float, load_seconds: float) -> None:
         _observations().add(slot=slot, what="load:ollama", seconds=load_seconds)
 
 
-def _ollama_chunks(choice: ModelChoice, reply: Message, final: dict) -> Iterator[tuple[str, str, int, int]]:
-    gen = choice.generation
-    options = {"num_predict": gen["max_new_tokens"], "temperature": gen["temperature"], "top_p": gen["top_p"]}
-    messages = history(reply)
+#: One step of an external stream: text, finish reason ("" until the end),
+#: prompt and completion tokens (0 until known), tool calls (OpenAI's form).
+Chunk = tuple[str, str, int, int, "list[dict] | None"]
+
+
+def _ollama_chunks(choice: ModelChoice, reply: Message, final: dict) -> Iterator[Chunk]:
+    arguments = params.ollama_arguments(request_options(reply), choice.generation)
+    messages = params.ollama_messages(history(reply))
     db_release()  # the first token may be seconds away (Ollama loading the model)
-    for chunk in ollama_chat_stream(choice.base_url, model=choice.upstream, messages=messages,
-                                    options=options):
-        finish = ("length" if chunk.done_reason == "length" else "stop") if chunk.done else ""
+    calls: list[dict] = []
+    for chunk in ollama_chat_stream(choice.base_url, model=choice.upstream, messages=messages, **arguments):
+        # Ollama sends a call whole, in a chunk of its own, before the last.
+        calls += [params.tool_call(c["name"], c["arguments"]) for c in chunk.tool_calls]
+        finish = ""
         if chunk.done:
             final["load_seconds"] = chunk.load_seconds
-        yield chunk.text, finish, chunk.prompt_tokens, chunk.completion_tokens
+            finish = "length" if chunk.done_reason == "length" else ("tool_calls" if calls else "stop")
+        yield chunk.text, finish, chunk.prompt_tokens, chunk.completion_tokens, (calls or None) if chunk.done else None
 
 
-def _openai_chunks(choice: ModelChoice, reply: Message) -> Iterator[tuple[str, str, int, int]]:
-    gen = choice.generation
+def _openai_chunks(choice: ModelChoice, reply: Message) -> Iterator[Chunk]:
     messages = history(reply)
     db_release()
-    for chunk in openai_chat_stream(choice.base_url, choice.api_key, model=choice.upstream,
-                                    messages=messages, max_tokens=gen["max_new_tokens"],
-                                    temperature=gen["temperature"], top_p=gen["top_p"]):
-        finish = "length" if chunk.finish_reason == "length" else ("stop" if chunk.finish_reason else "")
-        yield chunk.text, finish, chunk.prompt_tokens, chunk.completion_tokens
+    for chunk in openai_chat_stream(choice.base_url, choice.api_key, model=choice.upstream, messages=messages,
+                                    arguments=params.openai_arguments(request_options(reply), choice.generation)):
+        yield chunk.text, chunk.finish_reason, chunk.prompt_tokens, chunk.completion_tokens, chunk.tool_calls

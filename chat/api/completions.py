@@ -23,7 +23,7 @@ from chat import services
 from chat.api.http import api_view, error_response, json_body
 from chat.catalog import catalog_list
 from chat.completions import (
-    RequestError, chat_request_parse, completion_enqueue, completion_id, completion_object, error_body,
+    RequestError, chat_request_parse, completion_id, completion_object, completions_enqueue, error_body,
     finish_reason,
 )
 from chat.models import Message, MessageStatus
@@ -53,7 +53,8 @@ def model_retrieve(request: HttpRequest, model_id: str) -> JsonResponse:
 
 
 class ReplyListener:
-    """One reply's frames, read from the channel layer in an async view.
+    """The frames of one request's replies (one per choice), read from the
+    channel layer in an async view.
 
     A reader task moves frames from the layer into a local queue, so that
     waiting with a timeout never cancels the layer's own receive (which
@@ -63,7 +64,7 @@ class ReplyListener:
     def __init__(self) -> None:
         self.layer = get_channel_layer()
         self.channel = ""
-        self.message_id: int | None = None
+        self.message_ids: list[int] = []
         self._frames: asyncio.Queue = asyncio.Queue()
         self._reader: asyncio.Task | None = None
 
@@ -78,63 +79,73 @@ class ReplyListener:
     def subscribe(self, message_id: int) -> None:
         """message_enqueue's `subscribe`: runs in the enqueueing thread after
         the commit, before the task is queued."""
-        self.message_id = message_id
+        self.message_ids.append(message_id)
         self.layer.group_add_blocking(message_group(message_id), self.channel)
 
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-        if self.message_id is not None:
-            await self.layer.group_discard(message_group(self.message_id), self.channel)
+        for message_id in self.message_ids:
+            await self.layer.group_discard(message_group(message_id), self.channel)
 
     async def frames(self) -> AsyncIterator[dict]:
-        """Frames of the reply up to and including its end. When nothing has
-        come for a while, the database is asked: an end frame lost on the
-        way (the layer drops silently at capacity) must not hang the
-        request. After API_REPLY_TIMEOUT a `timeout` error ends it."""
+        """Frames of the replies until each has ended (or one failed). When
+        nothing has come for a while, the database is asked: an end frame
+        lost on the way (the layer drops silently at capacity) must not hang
+        the request. After API_REPLY_TIMEOUT a `timeout` error ends it."""
         deadline = time.monotonic() + settings.API_REPLY_TIMEOUT
+        ended: set[int] = set()
         while True:
             wait = min(settings.API_IDLE_CHECK_SECONDS, deadline - time.monotonic())
             try:
-                frame = await asyncio.wait_for(self._frames.get(), timeout=max(wait, 0))
+                found = [await asyncio.wait_for(self._frames.get(), timeout=max(wait, 0))]
             except asyncio.TimeoutError:
-                frame = await sync_to_async(_end_from_database)(self.message_id)
-                if frame is None and time.monotonic() >= deadline:
-                    frame = {"type": "chat.error", "message": self.message_id, "code": "timeout",
-                             "detail": f"No reply within {settings.API_REPLY_TIMEOUT:.0f} seconds."}
-                if frame is None:
-                    continue
-            yield frame
-            if frame["type"] in END_EVENTS:
-                return
+                waiting = [m for m in self.message_ids if m not in ended]
+                found = await sync_to_async(_ends_from_database)(waiting)
+                if not found and time.monotonic() >= deadline:
+                    found = [{"type": "chat.error", "message": waiting[0], "code": "timeout",
+                              "detail": f"No reply within {settings.API_REPLY_TIMEOUT:.0f} seconds."}]
+            for frame in found:
+                if frame.get("message") in ended:
+                    continue  # its end came from the database already
+                yield frame
+                if frame["type"] == "chat.error":
+                    return
+                if frame["type"] in END_EVENTS:
+                    ended.add(frame["message"])
+                    if len(ended) == len(self.message_ids):
+                        return
 
 
-def _end_from_database(message_id: int) -> dict | None:
-    reply = Message.objects.filter(pk=message_id).first()
-    if reply is None or not reply.is_finished:
-        return None
-    if reply.status == MessageStatus.ERROR:
-        return {"type": "chat.error", "message": message_id, "code": reply.error_code, "detail": reply.error_detail,
-                "from_database": True}
-    return {"type": "chat.done", "message": message_id, "finish_reason": reply.finish_reason,
-            "usage": reply.usage(), "from_database": True}
+def _ends_from_database(message_ids: list[int]) -> list[dict]:
+    frames = []
+    for reply in Message.objects.filter(pk__in=message_ids):
+        if not reply.is_finished:
+            continue
+        if reply.status == MessageStatus.ERROR:
+            frames.append({"type": "chat.error", "message": reply.pk, "code": reply.error_code,
+                           "detail": reply.error_detail, "from_database": True})
+        else:
+            frames.append({"type": "chat.done", "message": reply.pk, "finish_reason": reply.finish_reason,
+                           "usage": reply.usage(), "tool_calls": reply.tool_calls, "from_database": True})
+    return frames
 
 
-def _cancel_unfinished(user, message_id: int | None) -> None:
-    """The client went away: stop generating what nobody will read."""
-    if message_id is None:
-        return
-    try:
-        services.message_cancel(user=user, message_id=message_id)
-    except services.ChatInputError:
-        pass  # it has ended already
+def _cancel_unfinished(user, message_ids: list[int]) -> None:
+    """The client went away, or a sibling choice failed: stop generating
+    what nobody will read."""
+    for message_id in message_ids:
+        try:
+            services.message_cancel(user=user, message_id=message_id)
+        except services.ChatInputError:
+            pass  # it has ended already
 
 
-async def _failed(user, message_id: int, frame: dict) -> JsonResponse:
-    """The HTTP error for a reply's `chat.error`. A timeout is ours, not the
-    reply's: that reply is still running, and nobody will read it."""
-    if frame["code"] == "timeout":
-        await sync_to_async(_cancel_unfinished)(user, message_id)
+async def _failed(user, message_ids: list[int], frame: dict) -> JsonResponse:
+    """The HTTP error for a reply's `chat.error`. The request's other
+    choices, and a reply that timed out (ours, not the reply's: it still
+    runs), are stopped: nobody will read them."""
+    await sync_to_async(_cancel_unfinished)(user, message_ids)
     code, detail = frame.get("code") or "internal_error", frame.get("detail") or "The reply failed."
     return error_response(RequestError(code, detail))
 
@@ -146,32 +157,35 @@ async def chat_completions(request: HttpRequest):
     await listener.open()
     handed_over = False
     try:
-        reply = await sync_to_async(completion_enqueue)(user=request.user, request=chat,
-                                                        subscribe=listener.subscribe)
+        try:
+            replies = await sync_to_async(completions_enqueue)(user=request.user, request=chat,
+                                                               subscribe=listener.subscribe)
+        except RequestError:
+            # A later choice was refused (the rate limit): the earlier ones go too.
+            await sync_to_async(_cancel_unfinished)(request.user, listener.message_ids)
+            raise
         frames = listener.frames()
         if chat.stream:
-            # Wait for the first frame with text (or the end) before answering:
+            # Wait for the first frame with text (or an end) before answering:
             # a reply that fails before its first token gets a real HTTP status.
             first, sources = await _first_content_frame(frames)
             if first["type"] == "chat.error":
-                return await _failed(request.user, reply.pk, first)
+                return await _failed(request.user, listener.message_ids, first)
             handed_over = True
             response = StreamingHttpResponse(
-                _sse(request.user, listener, frames, first, reply, include_usage=chat.include_usage,
+                _sse(request.user, listener, frames, first, replies, include_usage=chat.include_usage,
                      sources=sources),
                 content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"  # nginx: pass events through at once
             return response
-        end = None
         async for frame in frames:
-            end = frame
-        if end["type"] == "chat.error":
-            return await _failed(request.user, reply.pk, end)
-        finished = await Message.objects.aget(pk=reply.pk)
+            if frame["type"] == "chat.error":
+                return await _failed(request.user, listener.message_ids, frame)
+        finished = [await Message.objects.aget(pk=reply.pk) for reply in replies]
         return JsonResponse(completion_object(finished))
     except asyncio.CancelledError:
-        await sync_to_async(_cancel_unfinished)(request.user, listener.message_id)
+        await sync_to_async(_cancel_unfinished)(request.user, listener.message_ids)
         raise
     finally:
         if not handed_over:
@@ -179,64 +193,74 @@ async def chat_completions(request: HttpRequest):
 
 
 async def _first_content_frame(frames: AsyncIterator[dict]) -> tuple[dict, list | None]:
-    """The first frame with text (or the end), and the reply's sources when
+    """The first frame with text (or an end), and the reply's sources when
     a `chat.sources` frame came before it."""
     sources = None
     async for frame in frames:
         if frame["type"] == "chat.sources":
-            sources = frame["sources"]
+            sources = sources if sources is not None else frame["sources"]
         elif frame["type"] == "chat.delta" or frame["type"] in END_EVENTS:
             return frame, sources
     raise RuntimeError("the frames ended without an end frame")  # frames() always ends with one
 
 
-async def _sse(user, listener: ReplyListener, frames: AsyncIterator[dict], first: dict, reply: Message, *,
+async def _sse(user, listener: ReplyListener, frames: AsyncIterator[dict], first: dict, replies: list[Message], *,
                include_usage: bool, sources: list | None = None) -> AsyncIterator[str]:
-    """`chat.completion.chunk` events in OpenAI's order: the role, the text,
-    the finish reason, the usage (when asked for), then `[DONE]`. A
+    """`chat.completion.chunk` events in OpenAI's order: each choice's role,
+    its text (tagged with the choice's index), its tool calls, its finish
+    reason; then the usage (when asked for) and `[DONE]`. A
     knowledge-assisted reply's sources ride on the first chunk (`sources`,
     an extra field that clients ignore unless they look for it)."""
-    base = {"id": completion_id(reply.pk), "object": "chat.completion.chunk",
-            "created": int(reply.queued_at.timestamp()), "model": reply.model_name, "system_fingerprint": None}
+    head = replies[0]
+    base = {"id": completion_id(head.pk), "object": "chat.completion.chunk",
+            "created": int(head.queued_at.timestamp()), "model": head.model_name, "system_fingerprint": None}
+    index = {reply.pk: i for i, reply in enumerate(replies)}
 
     def event(choices: list, **extra) -> str:
         return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
 
-    def delta(content: dict, reason: str | None = None) -> list:
-        return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": reason}]
+    def delta(message_id: int, content: dict, reason: str | None = None) -> list:
+        return [{"index": index[message_id], "delta": content, "logprobs": None, "finish_reason": reason}]
 
-    sent = ""
-    finished = False
+    sent = {reply.pk: "" for reply in replies}
+    usages: list[dict] = []
     try:
-        extra = {"sources": sources} if sources is not None else {}
-        yield event(delta({"role": "assistant", "content": ""}), **extra)
-        frame = first
-        while True:
+        for reply in replies:
+            extra = {"sources": sources} if sources is not None and reply is head else {}
+            yield event(delta(reply.pk, {"role": "assistant", "content": ""}), **extra)
+        pending = [first]
+        while pending or len(usages) < len(replies):
+            frame = pending.pop() if pending else await anext(frames)
+            message_id = frame.get("message")
             if frame["type"] == "chat.delta":
-                sent += frame["text"]
-                yield event(delta({"content": frame["text"]}))
+                sent[message_id] += frame["text"]
+                yield event(delta(message_id, {"content": frame["text"]}))
             elif frame["type"] == "chat.error":
-                finished = frame.get("code") != "timeout"  # a reply still running is stopped below
                 error = error_body(frame.get("code") or "internal_error", frame.get("detail", ""))
                 yield f"data: {json.dumps(error)}\n\n"
                 break
             elif frame["type"] == "chat.done":
-                finished = True
                 if frame.get("from_database"):
                     # Frames were lost on the way: send what the database has beyond them.
-                    content = (await Message.objects.aget(pk=reply.pk)).content
-                    if content.startswith(sent) and len(content) > len(sent):
-                        yield event(delta({"content": content[len(sent):]}))
-                usage = frame.get("usage")
-                if include_usage:
-                    yield event(delta({}, finish_reason(frame.get("finish_reason", ""))))
-                    yield event([], usage=usage)
+                    content = (await Message.objects.aget(pk=message_id)).content
+                    if content.startswith(sent[message_id]) and len(content) > len(sent[message_id]):
+                        yield event(delta(message_id, {"content": content[len(sent[message_id]):]}))
+                if frame.get("tool_calls"):
+                    calls = [{"index": i, **call} for i, call in enumerate(frame["tool_calls"])]
+                    yield event(delta(message_id, {"tool_calls": calls}))
+                usages.append(frame.get("usage") or {})
+                reason = finish_reason(frame.get("finish_reason", ""))
+                last = len(usages) == len(replies)
+                usage = {key: sum(u.get(key, 0) for u in usages) for key in usages[0]} if last else None
+                if include_usage or not last:
+                    yield event(delta(message_id, {}, reason))
+                    if last:
+                        yield event([], usage=usage)
                 else:
-                    yield event(delta({}, finish_reason(frame.get("finish_reason", ""))), usage=usage)
-                break
-            frame = await anext(frames)
+                    yield event(delta(message_id, {}, reason), usage=usage)
         yield "data: [DONE]\n\n"
     finally:
-        if not finished:
-            await sync_to_async(_cancel_unfinished)(user, listener.message_id)
+        if len(usages) < len(replies):
+            # Ended early (an error, or the client went away): stop the rest.
+            await sync_to_async(_cancel_unfinished)(user, listener.message_ids)
         await listener.close()
