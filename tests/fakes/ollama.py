@@ -8,6 +8,31 @@ works unchanged (``ollama.Client(host=fake.url)``):
 * ``POST /api/chat`` / ``POST /api/generate``: NDJSON streaming (chunked,
   one line per token) or a single JSON object with ``"stream": false``;
   load (empty prompt/messages) and unload (``keep_alive`` 0) requests.
+  What shapes the reply (the answer itself comes from ``model.py``):
+
+  - ``options.num_predict`` > 0 stops after that many tokens,
+    ``done_reason: "length"``; ``options.stop`` (strings) ends the reply
+    before the first one, ``done_reason: "stop"``.  Other options (seed,
+    temperature, ...) are only recorded.
+  - ``tools`` with the user's message last: a tool call instead of text,
+    ``content: ""`` and ``tool_calls: [{"id": "call_...", "function":
+    {"index": 0, "name": <first tool>, "arguments": {...}}}]`` (arguments
+    an object, built from the tool's parameter schema); streamed as one
+    ``done: false`` line before the final one.  A ``tool`` message last
+    (with or without ``tool_name``): ``The tool said: <its content>``.
+  - ``format``: ``"json"`` gives ``{"answer": <reply>}``, a JSON schema an
+    object with its required properties filled by type.
+  - ``images`` (base64): the reply starts ``I see N image(s).``; one that is
+    not base64 is a 400, as Go's JSON decoder reports it.
+  - A model whose name contains ``embed`` answers 400 ``"m" does not support
+    chat`` (or ``generate``); an unload still works.
+* ``POST /api/embed``: ``{"model", "embeddings", "total_duration",
+  "load_duration", "prompt_eval_count"}``, hashed unit vectors of
+  ``embedding_dim`` (8) floats or ``dimensions`` (any size: the fake has no
+  native one to truncate); an empty ``input`` only loads the model;
+  ``keep_alive`` 0 unloads after the answer.  It loads like a chat; a model without ``embed`` in its
+  name is loaded, then answered 501 ``this model does not support
+  embeddings``; an unknown one is 404 ``model 'x' not found``.
 * Errors as Ollama sends them: ``{"error": "..."}`` with 404 for an unknown
   model (``model "x" not found, try pulling it first``) and 400 for a
   missing one; anything else is 404 ``404 page not found`` (Go router).
@@ -31,19 +56,26 @@ silence before the first byte).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import itertools
+import json
 import re
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from . import model as fake_model
 from .http import FakeHandler, FakeServer, dumps, split_tokens
 
 __all__ = ["FakeOllama"]
 
 NDJSON = "application/x-ndjson"
 DEFAULT_KEEP_ALIVE = 300.0  # Ollama keeps a model 5 minutes by default
+_call_ids = itertools.count(1)
+_BASE64 = re.compile(r"[A-Za-z0-9+/=]")
 
 
 def _now_rfc3339(offset: float = 0.0) -> str:
@@ -75,6 +107,22 @@ def _digest(tag: str) -> str:
     return hashlib.sha256(tag.encode()).hexdigest()
 
 
+def _base64_error(images) -> str | None:
+    """The 400 message Ollama's JSON decoder gives for ``images`` that are
+    not standard base64 (Go's ``encoding/json`` decodes ``[]byte`` with
+    ``base64.StdEncoding``, which skips only CR and LF), or ``None``."""
+    for image in images or []:
+        if not isinstance(image, str):
+            return "json: cannot unmarshal non-string into Go value of type api.ImageData"
+        data = image.replace("\r", "").replace("\n", "")
+        try:
+            base64.b64decode(data, validate=True)
+        except binascii.Error:
+            bad = next((i for i, c in enumerate(data) if not _BASE64.match(c)), len(data))
+            return f"illegal base64 data at input byte {bad}"
+    return None
+
+
 @dataclass(frozen=True)
 class PsAnswer:
     at: float
@@ -88,9 +136,11 @@ class FakeOllama(FakeServer):
     def __init__(self, *, models=("qwen:7b",), reply: str = "Hello from fake Ollama.",
                  token_delay: float = 0.0, unload_delay: float = 0.0, load_delay: float = 0.0,
                  size_vram: int = 2_370_000_000, fail: str | None = None,
-                 slow_seconds: float = 30.0, host: str = "127.0.0.1", port: int = 0):
+                 slow_seconds: float = 30.0, embedding_dim: int = fake_model.EMBEDDING_DIM,
+                 host: str = "127.0.0.1", port: int = 0):
         super().__init__(host, port)
         self.models = tuple(models)
+        self.embedding_dim = embedding_dim
         self.reply = reply
         self.token_delay = token_delay
         self.unload_delay = unload_delay
@@ -194,6 +244,8 @@ class FakeOllama(FakeServer):
             self._generate(h, chat=True)
         elif route == ("POST", "/api/generate"):
             self._generate(h, chat=False)
+        elif route == ("POST", "/api/embed"):
+            self._embed(h)
         else:
             h.send_body(404, b"404 page not found", "text/plain")
 
@@ -209,6 +261,11 @@ class FakeOllama(FakeServer):
     # -- /api/chat and /api/generate ----------------------------------------------
     def _generate(self, h: FakeHandler, chat: bool) -> None:
         body = h.body or {}
+        images = [i for m in body.get("messages") or [] if isinstance(m, dict)
+                  for i in m.get("images") or []] if chat else body.get("images")
+        bad_images = _base64_error(images)  # the request's JSON does not decode
+        if bad_images:
+            return h.send_json(400, {"error": bad_images})
         model = body.get("model") or ""
         if not model:
             return h.send_json(400, {"error": "model is required"})
@@ -222,6 +279,9 @@ class FakeOllama(FakeServer):
             self._schedule_unload(model)
             return h.send_json(200, {"model": model, "created_at": _now_rfc3339(), field: empty,
                                      "done_reason": "unload", "done": True})
+        if fake_model.supports_embeddings(model):  # checked before the load, as Ollama does
+            return h.send_json(400, {"error": f"{json.dumps(model)} does not support "
+                                              f"{'chat' if chat else 'generate'}"})
         was_loaded = _norm(model) in self.loaded_models()
         load_wait = self._load(model, delay=self.load_delay)
         self.sleep(load_wait)
@@ -241,37 +301,112 @@ class FakeOllama(FakeServer):
         if unload:
             self._schedule_unload(model)
 
+    def _load_duration(self, was_loaded: bool, load_wait: float) -> int:
+        if self.load_delay:
+            return int(load_wait * 1e9) if load_wait else 1_000
+        return 1_000 if was_loaded else 500_000_000
+
+    def _answer(self, body: dict, chat: bool) -> tuple[list, str, int]:
+        """What the model generates: the pieces to stream (one message per
+        token, or one message carrying the tool calls; plain strings for
+        /api/generate), the ``done_reason`` and the ``eval_count``."""
+        options = body.get("options") or {}
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)] if chat else []
+        last = messages[-1] if messages else {}
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)] if chat else []
+        if tools and last.get("role") == "user":
+            function = tools[0].get("function") or {}
+            arguments = fake_model.schema_value(function.get("parameters") or {"type": "object"})
+            # Newer Ollama numbers each call in ``function.index`` and gives it an id.
+            call = {"id": f"call_{next(_call_ids):08x}",
+                    "function": {"index": 0, "name": function.get("name") or "",
+                                 "arguments": arguments}}
+            return ([{"role": "assistant", "content": "", "tool_calls": [call]}], "stop",
+                    len(split_tokens(dumps(call["function"]))))
+        if last.get("role") == "tool":
+            text = fake_model.tool_result_reply(str(last.get("content") or ""))
+        else:
+            images = sum(len(m.get("images") or []) for m in messages) if chat \
+                else len(body.get("images") or [])
+            text = fake_model.images_note(images) + self.reply
+        if body.get("format"):
+            text = fake_model.structured_reply(body["format"], text)
+        tokens, reason = fake_model.cut(text, stop=options.get("stop"),
+                                        limit=options.get("num_predict"))
+        pieces = [{"role": "assistant", "content": t} for t in tokens] if chat else tokens
+        return pieces, reason, len(tokens)
+
     def _reply(self, h, body, model, chat, field, was_loaded, fail, load_wait=0.0) -> None:
         started = time.monotonic_ns()
-        tokens = split_tokens(self.reply)
+        pieces, reason, eval_count = self._answer(body, chat)
         texts = [m.get("content") or "" for m in body.get("messages") or []] if chat \
             else [body.get("prompt") or "", body.get("system") or ""]
         prompt_count = max(1, sum(len(str(t).split()) for t in texts))
 
-        def piece(text: str):
-            return {"role": "assistant", "content": text} if chat else text
-
-        def final(text: str) -> dict:
+        def final(piece) -> dict:
             total = time.monotonic_ns() - started
-            return {"model": model, "created_at": _now_rfc3339(), field: piece(text), "done": True,
-                    "done_reason": "stop", "total_duration": total + 1,
-                    "load_duration": (int(load_wait * 1e9) if load_wait else 1_000) if self.load_delay
-                    else (1_000 if was_loaded else 500_000_000),
+            return {"model": model, "created_at": _now_rfc3339(), field: piece, "done": True,
+                    "done_reason": reason, "total_duration": total + 1,
+                    "load_duration": self._load_duration(was_loaded, load_wait),
                     "prompt_eval_count": prompt_count, "prompt_eval_duration": 1_000_000,
-                    "eval_count": len(tokens), "eval_duration": total}
+                    "eval_count": eval_count, "eval_duration": total}
 
         if body.get("stream", True) is False:
-            for _ in tokens:
+            for _ in pieces:
                 self.sleep(self.token_delay)
-            return h.send_json(200, final("".join(tokens)))
+            if not chat:
+                return h.send_json(200, final("".join(pieces)))
+            message = {"role": "assistant", "content": "".join(p["content"] for p in pieces)}
+            calls = [c for p in pieces for c in p.get("tool_calls", [])]
+            return h.send_json(200, final({**message, **({"tool_calls": calls} if calls else {})}))
         h.start_chunked(200, NDJSON)
-        for i, tok in enumerate(tokens):
-            if fail == "close_midway" and i >= len(tokens) // 2:
+        for i, piece in enumerate(pieces):
+            if fail == "close_midway" and i >= len(pieces) // 2:
                 h.abort()
             if i:
                 self.sleep(self.token_delay)
             h.send_chunk(dumps({"model": model, "created_at": _now_rfc3339(),
-                                     field: piece(tok), "done": False}) + "\n")
+                                field: piece, "done": False}) + "\n")
         if fail == "close_midway":
             h.abort()
-        h.end_chunked(dumps(final("")) + "\n")
+        h.end_chunked(dumps(final({"role": "assistant", "content": ""} if chat else "")) + "\n")
+
+    # -- /api/embed ---------------------------------------------------------------
+    def _embed(self, h: FakeHandler) -> None:
+        body = h.body or {}
+        model, given = body.get("model") or "", body.get("input")
+        if isinstance(given, str):
+            texts = [given] if given else []
+        elif isinstance(given, list) and all(isinstance(t, str) for t in given):
+            texts = given
+        elif given is None:
+            texts = []
+        else:
+            return h.send_json(400, {"error": "invalid input type"})
+        if not self._known(model):  # not chat's message: Ollama words this one differently
+            return h.send_json(404, {"error": f"model '{model}' not found"})
+        started = time.monotonic_ns()
+        was_loaded = _norm(model) in self.loaded_models()
+        load_wait = self._load(model, delay=self.load_delay)
+        self.sleep(load_wait)
+        try:
+            # The runner, not the server, refuses: a chat model is loaded
+            # first, then answered 501 (Ollama's own engine, ollamarunner, for
+            # a model without pooling; server/routes.go EmbedHandler).
+            if not fake_model.supports_embeddings(model):
+                return h.send_json(501, {"error": "this model does not support embeddings"})
+            if not texts:  # a load, as an empty chat is
+                return h.send_json(200, {"model": model, "embeddings": []})
+            dim = body.get("dimensions")
+            dim = dim if isinstance(dim, int) and dim > 0 else self.embedding_dim
+            computed = time.time()
+            vectors = [fake_model.embedding(t, dim) for t in texts]
+            self.generations.append((computed, time.time()))
+            h.send_json(200, {
+                "model": model, "embeddings": vectors,
+                "total_duration": time.monotonic_ns() - started + 1,
+                "load_duration": self._load_duration(was_loaded, load_wait),
+                "prompt_eval_count": sum(max(1, len(t.split())) for t in texts)})
+        finally:
+            if _is_zero(body.get("keep_alive")):
+                self._schedule_unload(model)
