@@ -135,6 +135,9 @@ def prompt_with_sources(messages: list[dict], sources: list[dict] | None) -> lis
     if not sources or not messages or messages[-1]["role"] != "user":
         return messages
     passages = "\n\n".join(f"[{s['n']}] ({s['document']})\n{s['text']}" for s in sources)
-    content = ("Use these sources where they help, and cite each one you use as [n] right after what it "
-               f"supports.\n\nSources:\n{passages}\n\nQuestion: {messages[-1]['content']}")
-    return [*messages[:-1], {"role": "user", "content": content}]
+    guide = ("Use these sources where they help, and cite each one you use as [n] right after what it "
+             f"supports.\n\nSources:\n{passages}\n\nQuestion: ")
+    question = messages[-1]["content"]
+    if isinstance(question, list):  # a /v1 turn in parts (text and images): the guide goes first
+        return [*messages[:-1], {**messages[-1], "content": [{"type": "text", "text": guide}, *question]}]
+    return [*messages[:-1], {**messages[-1], "content": guide + question}]
