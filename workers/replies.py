@@ -327,6 +327,12 @@ def local_reply_generate(*, message_id: int | None, hold: ReplyHold | None, mana
             if run.superseded():  # the reply, and its end, are the other run's
                 return
             run.fail(exc)
+            if error_code(exc) == "invalid_request":
+                # The model cannot do what the request asks (tools its template
+                # does not take, a token id beyond its vocabulary): the caller's
+                # 400, not a failure of the task.
+                log.info("message %s: refused: %s", message_id, exc)
+                return
             raise
         scheduler.observe("serve:local", time.perf_counter() - began)
         calls = [params.tool_call(c["name"], c["arguments"]) for c in result.tool_calls] or None
