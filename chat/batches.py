@@ -38,6 +38,13 @@ How lines run:
   Messages' terminal states, in the transaction that ends the batch. A
   Message ends once (`message_finish`/`message_fail`), so each line appears
   exactly once, in one of the two files, whatever was redelivered.
+- An embeddings batch (`endpoint: "/v1/embeddings"`) goes the same way,
+  through the embedding service (chat/embeddings.py) instead of the chat's:
+  a line has no Message; it is dispatched when its task is queued, and
+  ended by its answer, which the worker writes on the line
+  (`BatchLine.response`: status code and body, `batch_line_answered`) once.
+  A task lost with its worker comes back when the broker redelivers it
+  (late acknowledgement), and the line waits for it.
 """
 from __future__ import annotations
 
@@ -49,7 +56,9 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, IntegerField, Q, Sum
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast
 from django.utils import timezone
 from redis.exceptions import LockError
 
@@ -58,6 +67,7 @@ from chat.completions import (
     RequestError, chat_request_parse, completion_admissible, completion_enqueue, completion_object, error_body,
     error_status,
 )
+from chat.embeddings import embedding_backend, embedding_queue, embedding_request_parse
 from chat.jsonbody import BadJson, json_value
 from chat.models import (
     BATCH_FINISHED_STATUSES, FINISHED_STATUSES, Batch, BatchFile, BatchLine, BatchStatus, MessageStatus,
@@ -70,7 +80,8 @@ from gpu_manager.state import GpuStateStore
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/chat/completions",)
+CHAT, EMBEDDINGS = "/v1/chat/completions", "/v1/embeddings"
+ENDPOINTS = (CHAT, EMBEDDINGS)
 COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 #: Validation errors listed on the batch object itself; all of them are in the error file.
 ERRORS_LISTED = 1000
@@ -170,8 +181,19 @@ def batches_of(*, user, after: str | None = None, limit: int = 20) -> tuple[list
 
 def batch_counts(batch: Batch) -> dict:
     """request_counts, live: a line is completed when its reply is done, and
-    failed when it is invalid, failed, cancelled or its reply did not end well."""
+    failed when it is invalid, failed, cancelled or its reply did not end well.
+    An embeddings line: by its answer's status."""
     dispatched = Q(state=BatchLine.State.DISPATCHED)
+    if batch.endpoint == EMBEDDINGS:
+        answered = dispatched & Q(response__isnull=False)
+        counts = batch.lines.aggregate(
+            total=Count("pk"),
+            completed=Count("pk", filter=answered & Q(response__status_code=200)),
+            failed=Count("pk", filter=Q(state__in=[BatchLine.State.INVALID, BatchLine.State.FAILED,
+                                                   BatchLine.State.CANCELLED])
+                         | answered & ~Q(response__status_code=200)),
+        )
+        return {"total": counts["total"], "completed": counts["completed"], "failed": counts["failed"]}
     counts = batch.lines.aggregate(
         total=Count("pk"),
         completed=Count("pk", filter=dispatched & Q(message__status=MessageStatus.DONE)),
@@ -185,8 +207,12 @@ def batch_counts(batch: Batch) -> dict:
 
 def batch_object(batch: Batch) -> dict:
     """The batch as OpenAI's `batch` object."""
-    usage = batch.lines.aggregate(input=Sum("message__prompt_tokens"), output=Sum("message__completion_tokens"))
-    tokens_in, tokens_out = usage["input"] or 0, usage["output"] or 0
+    if batch.endpoint == EMBEDDINGS:  # the answers' usage (an error's body has none: not counted)
+        usage = batch.lines.aggregate(input=Sum(Cast(KT("response__body__usage__prompt_tokens"), IntegerField())))
+    else:
+        usage = batch.lines.aggregate(input=Sum("message__prompt_tokens"),
+                                      output=Sum("message__completion_tokens"))
+    tokens_in, tokens_out = usage["input"] or 0, usage.get("output") or 0
     return {
         "id": batch.pk, "object": "batch", "endpoint": batch.endpoint, "errors": batch.errors,
         "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
@@ -347,6 +373,8 @@ def _watchdog_arm(batch_id: str) -> None:
 
 
 def _in_flight(batch: Batch):
+    if batch.endpoint == EMBEDDINGS:
+        return batch.lines.filter(state=BatchLine.State.DISPATCHED, response__isnull=True)
     return batch.lines.filter(state=BatchLine.State.DISPATCHED, message__isnull=False) \
         .exclude(message__status__in=FINISHED_STATUSES)
 
@@ -371,8 +399,9 @@ def _fill(batch: Batch) -> bool:
         lines = list(batch.lines.filter(state=BatchLine.State.PENDING).order_by("rank", "line")[:room])
         if not lines:
             break
+        dispatch = _embedding_lines_dispatch if batch.endpoint == EMBEDDINGS else _lines_dispatch
         for start in range(0, len(lines), FILL_STATUS_EVERY):
-            dispatched = _lines_dispatch(batch, lines[start:start + FILL_STATUS_EVERY])
+            dispatched = dispatch(batch, lines[start:start + FILL_STATUS_EVERY])
             room -= dispatched
             busy = busy or dispatched > 0
             # A cancel stops the filling at once, not after the window.
@@ -424,10 +453,54 @@ class _Taken(Exception):
     """The line was no longer pending: its Message is rolled back."""
 
 
+def _embedding_lines_dispatch(batch: Batch, lines: list[BatchLine]) -> int:
+    """Queue the embeddings lines' tasks; how many were queued. A line is
+    claimed (pending -> dispatched, a conditional update) before its task
+    is queued, so that two advances never queue it twice; if the queueing
+    fails it is pending again, for the next advance."""
+    dispatched = 0
+    for line in lines:
+        try:
+            request = embedding_request_parse(line.body)
+            choice = embedding_backend(request=request)
+        except RequestError as exc:
+            # Valid when checked, not now (the model went away): the line ends here.
+            BatchLine.objects.filter(pk=line.pk, state=BatchLine.State.PENDING).update(
+                state=BatchLine.State.FAILED, error_code=exc.code, error_message=exc.detail)
+            continue
+        if not BatchLine.objects.filter(pk=line.pk, state=BatchLine.State.PENDING).update(
+                state=BatchLine.State.DISPATCHED):
+            continue
+        try:
+            embedding_queue(request=request, choice=choice, reply_to={"line": line.pk},
+                            priority=settings.BATCH_PRIORITY)
+        except Exception:
+            BatchLine.objects.filter(pk=line.pk, response__isnull=True).update(state=BatchLine.State.PENDING)
+            raise
+        dispatched += 1
+    return dispatched
+
+
+def batch_line_answered(*, line_id: int, response: dict) -> None:
+    """An embeddings line's answer, from its worker (chat/embeddings.py):
+    written once (a redelivered task's second answer is dropped), and its
+    batch moves on."""
+    BatchLine.objects.filter(pk=line_id, state=BatchLine.State.DISPATCHED, response__isnull=True) \
+        .update(response=response)
+    batch_id = BatchLine.objects.filter(pk=line_id).values_list("batch_id", flat=True).first()
+    if batch_id is not None:
+        batch_advance_queue(batch_id=batch_id)
+
+
 # --- validation -------------------------------------------------------------
 
 class _Invalid(CodedError):
-    """A line that cannot run: it ends as an error line with this code."""
+    """A line that cannot run: it ends as an error line with this code;
+    `param`, when one parameter of its body is at fault."""
+
+    def __init__(self, code: str, detail: str, *, param: str | None = None):
+        super().__init__(code, detail)
+        self.param = param
 
 
 def _yield() -> None:
@@ -439,7 +512,7 @@ def _yield() -> None:
 def _validate(batch: Batch) -> None:
     """Check every line; write them all, valid or not, and start the batch
     (or fail it when no line is valid)."""
-    lines, seen, choices = [], set(), {}
+    lines, seen, choices, params = [], set(), {}, {}
     for number, raw in enumerate(batch.input_file.content.splitlines(), start=1):
         if not raw.strip():
             continue  # a trailing newline, a blank line: not a request
@@ -449,13 +522,15 @@ def _validate(batch: Batch) -> None:
         except _Invalid as exc:
             line.state, line.error_code, line.error_message = BatchLine.State.INVALID, exc.code, exc.detail
             line.body = None
+            params[number] = exc.param
         lines.append(line)
         if len(lines) % YIELD_EVERY == 0:
             _yield()
     too_many = len(lines) > settings.BATCH_MAX_LINES
     valid = [line for line in lines if line.state == BatchLine.State.PENDING]
     _ranks_assign(batch, valid)
-    errors = [{"code": line.error_code, "message": line.error_message, "param": None, "line": line.line}
+    errors = [{"code": line.error_code, "message": line.error_message, "param": params.get(line.line),
+               "line": line.line}
               for line in lines if line.state == BatchLine.State.INVALID][:ERRORS_LISTED]
     if too_many:
         errors = [{"code": "too_many_lines", "message": f"The file has {len(lines)} requests; at most "
@@ -499,8 +574,16 @@ def _line_check(batch: Batch, line: BatchLine, raw: str, seen: set, choices: dic
     if request.get("url") != batch.endpoint:
         raise _Invalid("invalid_url", f"Line {number}: url must be {batch.endpoint!r} (the batch's endpoint), "
                        f"not {request.get('url')!r}.")
+    if batch.endpoint == EMBEDDINGS:
+        _embedding_line_check(line, request.get("body"), choices)
+        return
+    body = request.get("body")
+    n = body.get("n") if isinstance(body, dict) else None
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        raise _Invalid("invalid_request", f"Line {number}: n must be 1 in a batch: each line gets one response.",
+                       param="n")
     try:
-        parsed = chat_request_parse(request.get("body"))
+        parsed = chat_request_parse(body)
     except RequestError as exc:
         raise _Invalid("invalid_request", f"Line {number}: {exc.detail}") from exc
     if len(parsed.content) > settings.CHAT_MAX_CONTENT_CHARS:
@@ -516,6 +599,26 @@ def _line_check(batch: Batch, line: BatchLine, raw: str, seen: set, choices: dic
         code = "model_not_found" if choice.code in ("unknown_model", "model_disabled") else choice.code
         raise _Invalid(code, f"Line {number}: {choice}")
     line.body, line.model_name, line.owner = request["body"], choice.name, choice.needs_gpu_owner or ""
+
+
+def _embedding_line_check(line: BatchLine, body, checked: dict) -> None:
+    """An embeddings line's body, checked as `/v1/embeddings` checks one. A
+    model's answer is kept per (model, what the backend must take), so a
+    50,000-line file asks once a model."""
+    try:
+        parsed = embedding_request_parse(body)
+        key = (parsed.model, parsed.tokens, parsed.input_type is not None)
+        if key not in checked:
+            try:
+                embedding_backend(request=parsed)
+                checked[key] = None
+            except RequestError as exc:
+                checked[key] = exc
+        if checked[key] is not None:
+            raise checked[key]
+    except RequestError as exc:
+        raise _Invalid(exc.code, f"Line {line.line}: {exc.detail}", param=exc.param) from exc
+    line.body, line.model_name, line.owner = body, parsed.model, ""  # takes no GPU owner's turn
 
 
 def _ranks_assign(batch: Batch, lines: list[BatchLine]) -> None:
@@ -576,7 +679,10 @@ def line_result(line: BatchLine) -> dict:
     """One line of the output or error file, in OpenAI's format."""
     result = {"id": f"batch_req_{line.pk}", "custom_id": line.custom_id or None, "response": None, "error": None}
     message = line.message
-    if line.state == BatchLine.State.DISPATCHED and message is not None:
+    if line.response is not None:  # an embeddings line's answer
+        result["response"] = {"status_code": line.response["status_code"], "request_id": f"req_{line.pk}",
+                              "body": line.response["body"]}
+    elif line.state == BatchLine.State.DISPATCHED and message is not None:
         if message.status == MessageStatus.DONE:
             result["response"] = {"status_code": 200, "request_id": f"req_{message.pk}",
                                   "body": completion_object(message)}

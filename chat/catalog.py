@@ -51,6 +51,12 @@ class ModelDisabled(CatalogError):
     code = "model_disabled"
 
 
+class NotAChatModel(CatalogError):
+    """A local engine of another kind (embedding, translation) named as a chat model."""
+
+    code = "not_a_chat_model"
+
+
 class EndpointDown(CatalogError):
     code = "endpoint_unavailable"
 
@@ -250,9 +256,12 @@ def model_resolve(name: str) -> ModelChoice:
     for kind, prefix in PREFIXES.items():
         if name.startswith(prefix):
             return _resolve_remote(kind, name.removeprefix(prefix))
-    config = ModelConfig.objects.filter(kind=ModelKind.LOCAL, name=name).first()
+    config = ModelConfig.objects.filter(kind__in=LOCAL_KINDS, name=name).first()
     if config is None:
         raise UnknownModel(f"No model is named {name!r}.")
+    if config.kind != ModelKind.LOCAL:
+        use = "POST /v1/embeddings" if config.kind == ModelKind.EMBEDDING else "message.translate"
+        raise NotAChatModel(f"{name!r} is a {config.kind} model, not a chat model: use it through {use}.")
     if not config.enabled:
         raise ModelDisabled(f"The model {name!r} is disabled.")
     return _local_choice(config)

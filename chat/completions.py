@@ -33,6 +33,7 @@ _ERRORS = {
     "unknown_model": (404, "invalid_request_error"),
     "model_not_found": (404, "invalid_request_error"),
     "model_disabled": (404, "invalid_request_error"),
+    "not_a_chat_model": (400, "invalid_request_error"),
     "unknown_knowledge": (404, "invalid_request_error"),
     "knowledge_not_ready": (409, "invalid_request_error"),
     "bad_frame": (400, "invalid_request_error"),
@@ -249,7 +250,8 @@ def completion_enqueue(*, user, request: ChatRequest, title: str = "", priority:
 
 
 def _request_error(exc: "services.ChatInputError") -> RequestError:
-    param = {"unknown_model": "model", "model_disabled": "model", "unknown_knowledge": "knowledge",
+    param = {"unknown_model": "model", "model_disabled": "model", "not_a_chat_model": "model",
+             "unknown_knowledge": "knowledge",
              "knowledge_not_ready": "knowledge", "bad_frame": "knowledge"}.get(exc.code, "messages")
     return RequestError(exc.code, exc.detail, param=param)
 

@@ -175,11 +175,16 @@ class OllamaEmbeddings:
 
 
 class OllamaRefused(OllamaError):
-    """Ollama answered 400 to a request it understood but will not serve
-    (a model that does not embed, a dimension it cannot give): the caller's
-    request is at fault, not the server."""
+    """Ollama will not serve a request it understood: 501 for a model that
+    does not embed (its runner has no pooling: server/routes.go EmbedHandler
+    in https://github.com/ollama/ollama), 400 for a bad parameter. The
+    caller's request is at fault, not the server; `param` names what."""
 
     code = "invalid_request"
+
+    def __init__(self, detail: str, *, param: str | None = None):
+        super().__init__(detail)
+        self.param = param
 
 
 def ollama_embed(base_url: str, *, model: str, inputs: list[str], dimensions: int | None = None,
@@ -192,7 +197,8 @@ def ollama_embed(base_url: str, *, model: str, inputs: list[str], dimensions: in
                                                    options=options, keep_alive=keep_alive))
     except OllamaError as exc:
         cause = exc.__cause__
-        if isinstance(cause, ollama.ResponseError) and cause.status_code == 400:
-            raise OllamaRefused(f"Ollama at {base_url}: {cause.error}") from cause
+        if isinstance(cause, ollama.ResponseError) and cause.status_code in (400, 501):
+            raise OllamaRefused(f"Ollama at {base_url} refused {model}: {cause.error}",
+                                param="model" if cause.status_code == 501 else None) from cause
         raise
     return OllamaEmbeddings(vectors=[list(v) for v in answer.embeddings], prompt_tokens=answer.prompt_eval_count or 0)

@@ -118,9 +118,11 @@ def openai_chat_stream(
 # --- embeddings (issue 16) ------------------------------------------------------
 
 class OpenAIRefused(OpenAIEndpointError):
-    """The endpoint answered 400: the request is at fault (a chat model asked
-    for embeddings, a dimension the model cannot give), so the caller gets
-    a 400 naming the endpoint's `param`, not a 502."""
+    """The endpoint refused the request itself, not the key: 400 (a bad
+    parameter, a dimension the model cannot give) or 403 (OpenAI's answer
+    to a chat model asked for embeddings: "You are not allowed to generate
+    embeddings from this model"). The caller gets a 400 naming `param`,
+    not a 502."""
 
     code = "invalid_request"
 
@@ -149,10 +151,11 @@ def openai_embeddings(base_url: str, api_key: str, *, model: str, inputs: list, 
         try:
             answer = openai_client(base_url, api_key).embeddings.create(
                 model=model, input=inputs, encoding_format=encoding_format, **optional)
-        except openai.BadRequestError as exc:
+        except (openai.BadRequestError, openai.PermissionDeniedError) as exc:
             # Not through _translated's 502: OpenAIRefused is no openai error, so it passes it by.
-            raise OpenAIRefused(f"{base_url} refused the request: {_scrubbed(exc.message, api_key)}",
-                                param=exc.param) from None
+            param = "model" if isinstance(exc, openai.PermissionDeniedError) else exc.param
+            raise OpenAIRefused(f"{base_url} refused {model}: {_scrubbed(exc.message, api_key)}",
+                                param=param) from None
     rows = sorted(answer.data, key=lambda d: d.index)
     usage = answer.usage
     return OpenAIEmbeddings(vectors=[d.embedding for d in rows], prompt_tokens=usage.prompt_tokens if usage else 0,

@@ -35,10 +35,14 @@ GPU_UNLOAD = "workers.tasks.gpu_unload"
 GPU_UNLOAD_IDLE = "workers.tasks.gpu_unload_idle"
 GPU_TRANSLATE = "workers.tasks.gpu_translate"
 GPU_INGEST = "workers.tasks.gpu_ingest"
+#: `/v1/embeddings` with a local engine while the GPU is the local models' (chat/embeddings.py).
+GPU_EMBED = "workers.tasks.gpu_embed"
 CPU_GENERATE = "workers.tasks.cpu_generate"
 KNOWLEDGE_INGEST = "workers.knowledge_tasks.knowledge_ingest"
 KNOWLEDGE_RETRIEVE = "workers.knowledge_tasks.knowledge_retrieve"
 KNOWLEDGE_TRANSLATE = "workers.knowledge_tasks.knowledge_translate"
+#: `/v1/embeddings` otherwise: a local engine on the CPU, Ollama, an OpenAI endpoint.
+KNOWLEDGE_EMBED = "workers.knowledge_tasks.knowledge_embed"
 CPU_BATCH_ADVANCE = "workers.tasks.cpu_batch_advance"
 
 #: The tasks after which a reply may have ended (a batch line moves on).

@@ -503,3 +503,24 @@ API_REPLY_TIMEOUT = CELERY_TASK_TIME_LIMIT + 60
 API_IDLE_CHECK_SECONDS = 5.0
 #: An API key's `last_used_at` is written at most this often (seconds).
 API_KEY_TOUCH_SECONDS = 60
+#: `/v1/embeddings` (chat/embeddings.py): at most this many inputs a request,
+#: OpenAI's own limit ("any array must be 2048 dimensions or less", the
+#: `input` parameter in https://platform.openai.com/docs/api-reference/embeddings/create).
+EMBEDDINGS_MAX_INPUTS = 2048
+#: ... and at most this many characters an input: OpenAI's 8,192 tokens an
+#: input (same page) at about 4 characters a token. A local model truncates
+#: at its own length below that (its tokenizer's model_max_length).
+EMBEDDINGS_MAX_INPUT_CHARS = int(os.environ.get("EMBEDDINGS_MAX_INPUT_CHARS", 32_000))
+#: ... and at most this many tokens a request, all inputs together (token
+#: ids counted as they are, text at 4 characters a token): OpenAI's "maximum
+#: of 300,000 tokens summed across all inputs" (same page). It also bounds
+#: the task's message in the broker (about 1.2 MB of text).
+EMBEDDINGS_MAX_REQUEST_TOKENS = 300_000
+#: An Ollama embedding run on the CPU (`num_gpu: 0`, while the GPU is not
+#: Ollama's) asks Ollama to keep that CPU copy this long (seconds; Ollama's
+#: `keep_alive`). 0: unloaded as soon as it answered, because a copy still
+#: listed in /api/ps when the GPU worker hands the GPU to the local models
+#: holds that hand-over up until OLLAMA_UNLOAD_TIMEOUT (it waits for /api/ps
+#: to list nothing). The price: a load per request (docs/gpu-arbitration.md,
+#: "Embeddings").
+OLLAMA_EMBED_CPU_KEEP_ALIVE = float(os.environ.get("OLLAMA_EMBED_CPU_KEEP_ALIVE", 0))

@@ -374,13 +374,14 @@ class EmbeddingEngine(LocalEngine):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @torch.inference_mode()
-    def embed(self, texts: list[str], *, kind: str = "passage", batch_size: int = 32):
+    def embed(self, texts: list[str], *, kind: str | None = "passage", batch_size: int = 32):
         """Vectors for `texts` (a float32 numpy array, one row each, of norm 1);
-        `kind`: "query" or "passage" (its prefix)."""
+        `kind`: "query" or "passage" (its prefix), or None: the texts as given
+        (the embeddings API's default, chat/embeddings.py)."""
         if not self.loaded:
             raise RuntimeError(f"{self.name} is not loaded")
         self.touch()
-        prefix = self.prefixes[kind]
+        prefix = self.prefixes[kind] if kind else ""
         rows = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer([prefix + t for t in texts[start:start + batch_size]], padding=True,

@@ -398,6 +398,22 @@ class Pick:
     switch: bool = False
 
 
+# Grant a GPU lease only while Ollama holds the GPU: owner ollama, no local
+# engine resident, and no hand-over under way (the `hold`, set in the very
+# script that picks a switch). The fast path's conditions (_ADMIT), checked
+# as atomically, so I1 holds by its argument (docs/gpu-arbitration.md): a
+# lease granted before the hold is waited for by the GPU worker, none is
+# granted after. KEYS: state, sched, leases; ARGV: holder, expiry (Unix time).
+_LEASE_IF_OLLAMA = """
+local state = redis.call('HMGET', KEYS[1], 'owner', 'local_models')
+if state[1] ~= 'ollama' then return 0 end
+if #cjson.decode(state[2] or '[]') > 0 then return 0 end
+if redis.call('HEXISTS', KEYS[2], 'hold') == 1 then return 0 end
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+
+
 class Scheduler:
     def __init__(self, *, slot: str, policy: Policy = Policy()):
         self.slot = slot
@@ -413,6 +429,16 @@ class Scheduler:
         self._next = self._redis.register_script(_NEXT)
         self._observe = self._redis.register_script(_OBSERVE)
         self._handover_done = self._redis.register_script(_HANDOVER_DONE)
+        self._lease_if_ollama = self._redis.register_script(_LEASE_IF_OLLAMA)
+
+    def lease_if_ollama(self, holder: int, *, ttl: float) -> bool:
+        """A GPU lease for Ollama work that is no queued reply (an
+        embeddings call, chat/embeddings.py), granted only while Ollama
+        holds the GPU as the fast path requires: False otherwise, and the
+        caller keeps off the GPU. `holder`: negative, so that an expired
+        lease names no reply to fail (workers/lifecycle.py replies_fail_lost)."""
+        keys = [self._keys[0], self.sched_key, self._keys[1]]
+        return bool(self._lease_if_ollama(keys=keys, args=[holder, time.time() + ttl]))
 
     def _common(self) -> list:
         p = self.policy

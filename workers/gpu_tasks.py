@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from celery import Task, shared_task
 
+from chat.embeddings import embedding_queue_cpu, embedding_run
 from chat.knowledge.bases import ingest_queue
 from chat.knowledge.ingest import base_embedder_failed, base_ingest
 from chat.models import KnowledgeBase
@@ -180,3 +181,22 @@ def gpu_ingest(self, base_id: int) -> None:
         base_embedder_failed(base_id, model, exc)
         return
     base_ingest(base_id=base_id, embedder=embedder, indexed_by=f"gpu worker on {self.manager.device}")
+
+
+@shared_task(name=queues.GPU_EMBED, base=GpuControlTask, bind=True)
+def gpu_embed(self, request: dict, reply_to: dict) -> None:
+    """`/v1/embeddings` with a local engine while the GPU is the local
+    models' (chat/embeddings.py): the engine made resident beside the
+    others, in line with the messages. If the GPU changed hands since it
+    was queued, it goes to the knowledge worker's CPU instead: an embedding
+    never takes the GPU back from an external owner."""
+    if not gpu_local_now(self.manager.slot):
+        priority = (self.request.delivery_info or {}).get("priority")  # a batch line's stays a batch line's
+        embedding_queue_cpu(request=request, reply_to=reply_to, priority=priority)
+        return
+
+    def load(name: str):
+        self.manager.prepare_local(spec=local_spec(name), preload=local_specs_preload(), ollama_urls=ollama_urls())
+        return self.manager.engine(name)
+
+    embedding_run(request=request, reply_to=reply_to, load=load, by=f"gpu worker on {self.manager.device}")

@@ -1,5 +1,6 @@
 """The knowledge worker's tasks (issue 15): a knowledge base's ingestion, a
-reply's retrieval, and translations while the GPU is not the local models'.
+reply's retrieval, and translations while the GPU is not the local models';
+and `/v1/embeddings` off the GPU (issue 16: chat/embeddings.py).
 
 It runs the embedding and translation models on the CPU, loaded from the
 same directories as the GPU worker's engines (so a query's vector matches
@@ -18,6 +19,7 @@ from celery import Task, shared_task
 
 from chat.catalog import ModelChoice, local_spec, model_resolve
 from chat.dispatch import message_dispatch, message_fail
+from chat.embeddings import embedding_run
 from chat.knowledge.ingest import base_embedder_failed, base_ingest
 from chat.knowledge.retrieve import bases_of, prompt_budget, query_of, sources_find
 from chat.models import KnowledgeBase, Message
@@ -117,3 +119,11 @@ def knowledge_translate(message_id: int, target: str, engine: str, note: str = "
                         note=note)
     finally:
         message_id_var.set(None)
+
+
+@shared_task(name=queues.KNOWLEDGE_EMBED, base=KnowledgeTask)
+def knowledge_embed(request: dict, reply_to: dict, choice: dict | None = None) -> None:
+    """`/v1/embeddings` off the GPU (chat/embeddings.py): a local engine on
+    this worker's CPU, or a call to Ollama or an OpenAI endpoint."""
+    embedding_run(request=request, reply_to=reply_to, load=engines.get, by=f"knowledge worker on {DEVICE}",
+                  choice=choice)

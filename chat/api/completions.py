@@ -26,6 +26,7 @@ from chat.completions import (
     RequestError, chat_request_parse, completion_id, completion_object, completions_enqueue, error_body,
     finish_reason,
 )
+from chat.embeddings import embedding_models
 from chat.models import Message, MessageStatus
 from chat.relay import message_group
 
@@ -40,7 +41,9 @@ def _model_object(name: str, kind: str, created: int) -> dict:
 def models_list(request: HttpRequest) -> JsonResponse:
     choices, _errors = catalog_list()
     created = int(time.time())
-    return JsonResponse({"object": "list", "data": [_model_object(c.name, c.kind, created) for c in choices]})
+    # The local embedding engines too (/v1/embeddings), though the chat's catalog leaves them out.
+    models = [(c.name, c.kind) for c in choices] + [(name, "local") for name in embedding_models()]
+    return JsonResponse({"object": "list", "data": [_model_object(name, kind, created) for name, kind in models]})
 
 
 @api_view("GET")
@@ -49,6 +52,8 @@ def model_retrieve(request: HttpRequest, model_id: str) -> JsonResponse:
     for choice in choices:
         if choice.name == model_id:
             return JsonResponse(_model_object(choice.name, choice.kind, int(time.time())))
+    if model_id in embedding_models():
+        return JsonResponse(_model_object(model_id, "local", int(time.time())))
     raise RequestError("model_not_found", f"The model '{model_id}' does not exist", param="model")
 
 
