@@ -5,8 +5,10 @@ from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
 from chat import selectors
+from chat.audit import audit_record, form_changes
 from chat.catalog import catalog_forget
-from chat.models import Conversation, KnowledgeBase, KnowledgeDocument, Message, ModelConfig, Translation
+from chat.models import (AuditEntry, Conversation, KnowledgeBase, KnowledgeDocument, Message, ModelConfig,
+                         Translation)
 
 
 class ModelConfigForm(forms.ModelForm):
@@ -85,10 +87,22 @@ class ModelConfigAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change) -> None:
         super().save_model(request, obj, form, change)
         catalog_forget()  # the picker shows the edit at once, not after the cache TTL
+        audit_record(user=request.user, action="model_config.change" if change else "model_config.add",
+                     target=obj.name, detail=form_changes(form))
 
     def delete_model(self, request, obj) -> None:
+        name = obj.name
         super().delete_model(request, obj)
         catalog_forget()
+        audit_record(user=request.user, action="model_config.delete", target=name)
+
+    def delete_queryset(self, request, queryset) -> None:
+        # The list's "delete selected" action: one entry per row, as for one.
+        names = list(queryset.values_list("name", flat=True))
+        super().delete_queryset(request, queryset)
+        catalog_forget()
+        for name in names:
+            audit_record(user=request.user, action="model_config.delete", target=name)
 
     @admin.display(description="directory / URL")
     def target(self, obj: ModelConfig) -> str:
@@ -191,3 +205,25 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
 class TranslationAdmin(ReadOnlyAdmin):
     list_display = ("message", "target", "engine", "device", "seconds", "created_at")
     list_filter = ("target", "engine")
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(admin.ModelAdmin):
+    """The audit log (chat/audit.py): read-only, and kept: nobody edits or
+    deletes the record of what was done."""
+
+    list_display = ("at", "username", "action", "target", "detail")
+    list_filter = ("action", "username")
+    search_fields = ("username", "action", "target")
+    date_hierarchy = "at"
+    fields = ("at", "username", "user", "action", "target", "detail")
+    readonly_fields = fields
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

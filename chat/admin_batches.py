@@ -1,5 +1,5 @@
 """Admin pages for the OpenAI-compatible API: API keys (created here or with
-`manage.py create_api_key`, shown once, revocable), batches with their
+`manage.py create_api_key`, shown once, with an expiry, revocable), batches with their
 progress, and their files to download. Registered from ChatConfig.ready()."""
 from django.contrib import admin, messages
 from django.http import HttpResponse
@@ -9,39 +9,48 @@ from django.utils.html import format_html
 
 from chat import batches
 from chat.api.keys import api_key_secret_set, api_keys_revoke
+from chat.audit import audit_record, form_changes
 from chat.completions import RequestError
 from chat.models import ApiKey, Batch, BatchFile
 
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ("prefix", "name", "user", "created_at", "last_used_at", "active")
+    """Keys with their name, state, expiry and last use (issue 17). Revoking
+    (the list's action) is recorded in the audit log."""
+
+    list_display = ("prefix", "name", "user", "state", "created_at", "expires_at", "last_used_at", "revoked_at")
     list_select_related = ("user",)
-    list_filter = ("revoked_at",)
+    list_filter = ("revoked_at", "expires_at")
     search_fields = ("name", "prefix", "user__username")
     actions = ["revoke"]
 
     def get_fields(self, request, obj=None):
-        return ("user", "name") if obj is None else ("user", "name", "prefix", "created_at", "last_used_at",
-                                                     "revoked_at")
+        return ("user", "name", "expires_at") if obj is None else (
+            "user", "name", "prefix", "state", "created_at", "expires_at", "last_used_at", "revoked_at")
 
     def get_readonly_fields(self, request, obj=None):
-        return () if obj is None else ("user", "prefix", "created_at", "last_used_at", "revoked_at")
+        return () if obj is None else ("user", "prefix", "state", "created_at", "last_used_at", "revoked_at")
 
     def save_model(self, request, obj, form, change) -> None:
         raw = None if change else api_key_secret_set(obj)
         super().save_model(request, obj, form, change)
+        audit_record(user=request.user, action="api_key.change" if change else "api_key.add",
+                     target=f"{obj.prefix}… of {obj.user}", detail=form_changes(form))
         if raw:
             messages.warning(request, f"The new API key is {raw} — copy it now: it is stored hashed and "
                                       f"cannot be shown again.")
 
-    @admin.display(boolean=True)
-    def active(self, obj: ApiKey) -> bool:
-        return obj.revoked_at is None
+    @admin.display(description="state")
+    def state(self, obj: ApiKey) -> str:
+        return obj.state
 
     @admin.action(description="Revoke the selected keys")
     def revoke(self, request, queryset) -> None:
+        live = list(queryset.filter(revoked_at__isnull=True).select_related("user"))
         count = api_keys_revoke(keys=queryset)
+        for key in live:
+            audit_record(user=request.user, action="api_key.revoke", target=f"{key.prefix}… of {key.user}")
         self.message_user(request, f"{count} key(s) revoked.")
 
 

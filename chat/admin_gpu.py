@@ -9,6 +9,7 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.views.decorators.http import require_http_methods
 
+from chat.audit import audit_record
 from chat.models import LOCAL_KINDS, ModelConfig
 from chat.selectors import gpu_status
 from chatsite import queues
@@ -21,6 +22,7 @@ def gpu_page(request: HttpRequest) -> HttpResponse:
         action = request.POST.get("action")
         if action == "unload":
             app.signature(queues.GPU_UNLOAD).apply_async()
+            audit_record(user=request.user, action="gpu.unload", target="every local model")
             messages.info(request, "Unloading every local model: queued behind the messages already waiting.")
         elif action == "load":
             name = request.POST.get("model", "")
@@ -28,6 +30,7 @@ def gpu_page(request: HttpRequest) -> HttpResponse:
                 messages.error(request, f"No enabled local model is named {name!r}.")
             else:
                 app.signature(queues.GPU_LOAD, args=(name,)).apply_async()
+                audit_record(user=request.user, action="gpu.load", target=name)
                 messages.info(request, f"Loading {name}: queued behind the messages already waiting.")
         else:
             messages.error(request, "Unknown action.")

@@ -3,6 +3,7 @@ import secrets
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.utils import timezone
 
 
 class ModelKind(models.TextChoices):
@@ -208,15 +209,48 @@ class ApiKey(models.Model):
     prefix = models.CharField(max_length=16, editable=False, help_text="The key's first characters, to tell keys apart.")
     digest = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    #: Written at most once per API_KEY_TOUCH_SECONDS (chat/api/keys.py).
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: the key never expires.")
 
     class Meta:
         ordering = ["-created_at"]
         verbose_name = "API key"
 
     def __str__(self) -> str:
-        return f"{self.prefix}… ({self.user}{', revoked' if self.revoked_at else ''})"
+        return f"{self.prefix}… ({self.user}{', ' + self.state if self.state != 'live' else ''})"
+
+    @property
+    def state(self) -> str:
+        """"live", "revoked" or "expired"."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= timezone.now():
+            return "expired"
+        return "live"
+
+
+class AuditEntry(models.Model):
+    """Who did what to the running service, and when (issue 17): the
+    admin's GPU actions and changes to model configuration and API keys.
+    Written by chat/audit.py; read-only in the admin."""
+
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    #: Kept when the user is deleted: the record outlives the account.
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    username = models.CharField(max_length=150, help_text="As it was when the action was taken.")
+    action = models.CharField(max_length=50, db_index=True)
+    target = models.CharField(max_length=200, blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        verbose_name = "audit entry"
+        verbose_name_plural = "audit log"
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.username} {self.action} {self.target}"
 
 
 class BatchFile(models.Model):

@@ -4,6 +4,8 @@ health checks. The session APIs answer a refused request as
 `{"error": "authentication required"}`."""
 from __future__ import annotations
 
+import logging
+
 from django.contrib.auth.decorators import login_required
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -19,6 +21,8 @@ from chat.models import Conversation, Message, MessageStatus
 from chatsite import queues
 from chatsite.errors import CodedError
 from chatsite.redis_client import redis_client
+
+log = logging.getLogger(__name__)
 
 
 def api_login_required(view):
@@ -143,5 +147,32 @@ def readyz(request: HttpRequest) -> JsonResponse:
             missing.append("gpu worker: none answered")
         if not alive.get(queues.CPU_QUEUE):
             missing.append("cpu worker: none answered")
+    _readiness.note(missing)
     status = 503 if missing else 200
     return JsonResponse({"status": "ready" if not missing else "not ready", "missing": missing}, status=status)
+
+
+class ReadinessLog:
+    """Logs /readyz's answer when it changes, once per process: not ready
+    (WARNING, naming what is missing) and ready again (INFO). A probe every
+    few seconds answering the same 503 adds no line (django.request's own
+    ERROR for it is filtered: chatsite.logs.ProbeFilter)."""
+
+    def __init__(self) -> None:
+        self.last: tuple[str, ...] | None = None
+
+    def note(self, missing: list[str]) -> None:
+        # What is missing, not why: a driver's message can differ per probe.
+        parts = tuple(item.split(":", 1)[0] for item in missing)
+        if parts == self.last:
+            return
+        # Two probes at once may both log the change: harmless, and no lock
+        # on every probe.
+        self.last = parts
+        if parts:
+            log.warning("not ready: %s", "; ".join(missing))
+        else:
+            log.info("ready: the database, Redis, a GPU worker and a CPU worker answer")
+
+
+_readiness = ReadinessLog()

@@ -38,3 +38,21 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
+
+
+class ProbeFilter(logging.Filter):
+    """Drops django.request's "Service Unavailable" line for a probe path.
+
+    Django logs every 5xx answer at ERROR (django.utils.log.log_response).
+    A readiness probe's 503 is an answer, not a failure of the server: a
+    load balancer polling /readyz every few seconds while the workers start
+    would log an ERROR each time. The probe's view logs the changes of its
+    state instead, once each."""
+
+    def __init__(self, paths: list[str]) -> None:
+        super().__init__()
+        self.paths = frozenset(paths)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request = getattr(record, "request", None)
+        return not (getattr(record, "status_code", None) == 503 and getattr(request, "path", None) in self.paths)

@@ -1,6 +1,7 @@
 """Settings, all from the environment (CONTRACT §2); a `.env` file in the
 project root is read too, without overriding variables already set."""
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -56,6 +57,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    # Login throttling (issue 17): its failure records and lockouts, shown
+    # and cleared in the admin ("Access attempts").
+    "axes",
     "chat",
     "gpu_manager",
     "workers",
@@ -63,6 +67,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # The Content-Security-Policy header on every response, static files
+    # included (WhiteNoise answers them from the next middleware).
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     # After sessions, before common (Django's i18n docs): the language comes
@@ -74,6 +81,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last (django-axes' docs): it turns a login refused for a lockout into
+    # the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "chatsite.urls"
@@ -132,9 +142,121 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
+# django-axes' backend first: it refuses a locked-out login before the
+# password is even checked, so a guess during the cool-down tells nothing.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+# --- Production posture (issue 17; docs/security.md) --------------------------
+# Every value here is dev-safe by default (`make run` serves plain HTTP on
+# loopback) and turned on by the environment docker-compose.yml gives the
+# web service, behind Caddy, which terminates TLS (deploy/Caddyfile).
+
+#: Caddy tells Django the request came over HTTPS with X-Forwarded-Proto.
+#: Only trustworthy when nothing but the proxy reaches the web process
+#: (compose publishes Caddy's ports, not the web's); otherwise a client
+#: could claim HTTPS itself.
+if env_bool("DJANGO_SECURE_PROXY_SSL_HEADER", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+#: Probes reach the web process directly over plain HTTP inside the compose
+#: network (the healthcheck, a Prometheus scrape): never redirected, or
+#: they would follow the redirect to an https port nobody serves.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", False)
+#: HSTS: 0 (off) in development. Compose sets one hour: a browser that saw
+#: it refuses plain HTTP for an hour, so a certificate mistake locks users
+#: out for an hour at most. Raise it to a year (31536000) once HTTPS is
+#: known to work (Django's deployment checklist: "set it to a small value
+#: and increase it"; cookiecutter-django does the same).
+SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_SECURE_HSTS_SECONDS", 0))
+#: The site is served on a host name of its own, so its subdomains are its
+#: own too. Preload is only a consent in the header: hstspreload.org also
+#: asks for max-age of a year, so nothing is preloaded until a deployer
+#: raises DJANGO_SECURE_HSTS_SECONDS and submits the domain.
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+#: Origins allowed to POST besides the site's own (Django compares the
+#: Origin with the Host, which Caddy passes on unchanged, so the site's own
+#: https:// origin needs no entry; compose lists it anyway, for a proxy
+#: that rewrites the Host).
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+# Django's defaults, written down because the deploy check and the tests
+# rely on them: nosniff, DENY framing (also `frame-ancestors` below), and
+# no Referer to other sites.
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_REFERRER_POLICY = "same-origin"
+
+#: The page's Content-Security-Policy (django-csp; Django 6 has the same
+#: settings built in). Scripts and styles only from this origin, no inline
+#: script or style, no eval: model output that escaped markdown.js's text
+#: nodes would still run nothing. `connect-src 'self'` covers the websocket:
+#: CSP 3 matches ws: and wss: to the page's own http: and https: origin
+#: (checked in Chromium by the browser tests). The admin needs nothing more:
+#: Django 5.2's admin templates have no inline script or style attribute.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "font-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'none'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}
+
+#: Password guessing (django-axes): after LOGIN_FAILURE_LIMIT wrong
+#: passwords for one account (from anywhere), or from one address (for any
+#: account), logins for it are refused for LOGIN_COOLOFF_SECONDS, the right
+#: password included. Five tries and 15 minutes: a person who mistypes gets
+#: several chances, a guesser gets 480 a day per account instead of
+#: thousands a second (NIST SP 800-63B 5.2.2 asks for at most 100
+#: consecutive failures; OWASP's Authentication Cheat Sheet suggests a
+#: lockout of this shape with a cool-down rather than a permanent lock).
+LOGIN_FAILURE_LIMIT = int(os.environ.get("LOGIN_FAILURE_LIMIT", 5))
+LOGIN_COOLOFF_SECONDS = float(os.environ.get("LOGIN_COOLOFF_SECONDS", 15 * 60))
+AXES_FAILURE_LIMIT = LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(seconds=LOGIN_COOLOFF_SECONDS)
+#: Two separate lockouts: per account and per address.
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+#: The cool-down runs from the failure that locked, not from the last try:
+#: tries during a lockout are refused without checking the password, so
+#: extending it would only keep the account's owner out longer.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+#: The client's address is REMOTE_ADDR: uvicorn sets it from
+#: X-Forwarded-For only for a proxy it trusts (FORWARDED_ALLOW_IPS; compose
+#: trusts the proxy, `make run` only loopback), so a client cannot pick its
+#: own address with a header.
+AXES_IPWARE_META_PRECEDENCE_ORDER = ("REMOTE_ADDR",)
+#: Not verbose: no banner from every process at start. A failure's log
+#: line names the account and the address (axes masks both by default,
+#: which leaves an operator nothing to act on); a password is always masked.
+AXES_VERBOSE = False
+AXES_SENSITIVE_PARAMETERS: list[str] = []
+
+#: Wrong Bearer keys (chat/api/key_throttle.py): past API_KEY_FAILURE_LIMIT
+#: unknown keys from one address, or with one key prefix, within
+#: API_KEY_COOLOFF_SECONDS, /v1 refuses that address or prefix (any key,
+#: the right one too) with 429 until the cool-down ends. A key is 256
+#: random bits, so the limit does not protect the key space; it makes a
+#: scan cost the scanner, not one database lookup and one log line per
+#: try. Higher than the login's: scripts, not people, send keys, and a
+#: broken script retrying must not shut out its neighbours at once.
+API_KEY_FAILURE_LIMIT = int(os.environ.get("API_KEY_FAILURE_LIMIT", 20))
+API_KEY_COOLOFF_SECONDS = float(os.environ.get("API_KEY_COOLOFF_SECONDS", 15 * 60))
 
 LANGUAGE_CODE = "en-us"
 #: The chat page's languages (issue 4): the first users write Chinese.
@@ -453,7 +575,13 @@ LOG_FORMAT = os.environ.get("LOG_FORMAT", "plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "chatsite.logs.ContextFilter"}},
+    "filters": {
+        "context": {"()": "chatsite.logs.ContextFilter"},
+        # /readyz answers 503 on every probe while workers start; the view
+        # logs each change of readiness itself (chat/views.py), and
+        # django.request's ERROR per probe would bury real errors.
+        "probes": {"()": "chatsite.logs.ProbeFilter", "paths": ["/readyz"]},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s [task=%(task_id)s message=%(message_id)s] "
                             "%(message)s"},
@@ -464,7 +592,11 @@ LOGGING = {
                     "filters": ["context"]},
     },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"},
+                "django.request": {"filters": ["probes"]},
+                # Failures and lockouts are WARNINGs; axes' INFO is four lines
+                # of bookkeeping per successful login.
+                "axes": {"level": "WARNING"}},
 }
 #: Workers refresh a liveness key this often (seconds); /readyz counts a
 #: worker as gone when its key is older than the TTL (three missed beats).

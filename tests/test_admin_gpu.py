@@ -2,6 +2,7 @@
 import pytest
 from django.conf import settings
 
+from chat.models import AuditEntry
 from gpu_manager.state import GpuStateStore
 from tests.support.waiting import wait_for
 
@@ -21,3 +22,6 @@ def test_admin_gpu_page_unloads_and_loads_through_the_queue(admin_client, demo_m
     assert [e for e in store().events(5) if e["kind"] == "local_unload"][-1]["reason"] == "admin"
     refused = admin_client.post("/admin/gpu/", {"action": "load", "model": "nope"}, follow=True)
     assert b"No enabled local model" in refused.content
+    # Who pressed which button (issue 17); the refused one did nothing.
+    assert list(AuditEntry.objects.order_by("id").values_list("username", "action", "target")) == [
+        ("admin", "gpu.load", "local_demo"), ("admin", "gpu.unload", "every local model")]

@@ -3,15 +3,19 @@ and entry point of this project (no Docker engine runs here, so this is as
 far as the file can be checked)."""
 import importlib
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from django.conf import settings
 from django.core.management import get_commands
+
+from tests.support.compose import service_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -96,3 +100,52 @@ def test_make_run_starts_the_cpu_worker_processes_as_distinct_nodes_and_restarts
     restarts: dict = {}
     assert _restart_allowed("cpu-worker-3", restarts) and _restart_allowed("gpu-worker", restarts)
     assert not _restart_allowed("web", restarts)
+
+
+# --- the production posture (issue 17) ------------------------------------------
+
+#: A deployer's own key: long and random enough for the deploy check (W009).
+DEPLOY_KEY = secrets.token_urlsafe(50)
+
+
+def test_check_deploy_passes_with_the_compose_web_environment(tmp_path):
+    """`manage.py check --deploy`, with exactly the environment compose gives
+    the web service (plus the secret key compose demands), reports nothing:
+    HSTS, the HTTPS redirect, secure cookies and the rest are on."""
+    environment = service_environment("web", variables={"DJANGO_SECRET_KEY": DEPLOY_KEY})
+    # Nothing from this test run's own environment leaks in but the basics.
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "CHAT_VAR_DIR": str(tmp_path), **environment}
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues" in result.stdout, result.stdout
+
+
+def test_the_development_settings_stay_plain_http():
+    """`make run` serves http://127.0.0.1: no redirect, no secure-only cookie, no HSTS."""
+    assert not settings.SECURE_SSL_REDIRECT and not settings.SESSION_COOKIE_SECURE
+    assert not settings.CSRF_COOKIE_SECURE and settings.SECURE_HSTS_SECONDS == 0
+
+
+def test_only_the_proxy_is_published_and_it_passes_to_the_web_service():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    published = {name for name, svc in services.items() if svc.get("ports")}
+    assert published == {"caddy"}, published
+    assert services["caddy"]["image"].startswith("caddy:2.")  # a pinned minor version
+    caddyfile = (ROOT / "deploy" / "Caddyfile").read_text()
+    assert "reverse_proxy web:8000" in caddyfile
+    assert "./deploy/Caddyfile:/etc/caddy/Caddyfile:ro" in services["caddy"]["volumes"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_the_environment_read_here_is_what_docker_compose_resolves(tmp_path):
+    """tests/support/compose.py reads variables as compose does."""
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "DJANGO_SECRET_KEY": DEPLOY_KEY}
+    result = subprocess.run(["docker-compose", "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)["services"]["web"]["environment"]
+    if isinstance(resolved, list):
+        resolved = dict(item.split("=", 1) for item in resolved)
+    assert {k: str(v) for k, v in resolved.items()} == service_environment(
+        "web", variables={"DJANGO_SECRET_KEY": DEPLOY_KEY})

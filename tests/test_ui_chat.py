@@ -469,3 +469,21 @@ def test_markdown_renderer_on_hostile_and_unfinished_input(page):
     assert results["quote"] == "quoted <i>x</i>more"
     assert results["nested"] == 1 and results["start"] == 3
     assert results["elements"] == []
+
+
+def test_the_content_security_policy_refuses_inline_script(page):
+    """The policy is enforced as served, and a violation reaches the test:
+    a script element with inline text (what an injection into the page
+    would add) neither runs nor passes unseen. Every other browser test
+    fails on any violation (tests/support/browser.py watched_page)."""
+    open_chat(page)
+    assert page.csp_violations == []
+    page.evaluate("""() => {
+      const script = document.createElement("script");
+      script.textContent = "window.__injected = true";
+      document.body.append(script);
+    }""")
+    page.wait_for_function("() => window.__cspViolations.length > 0", timeout=10_000)
+    assert [v["directive"] for v in page.csp_violations] == ["script-src-elem"]
+    assert page.evaluate("() => window.__injected") is None
+    page.errors.clear()  # the violation and Chromium's console line for it: expected here, and only here

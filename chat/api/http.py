@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 
 from asgiref.sync import sync_to_async
+from axes.helpers import get_client_ip_address
 from django.http import HttpRequest, JsonResponse
 from django.utils.decorators import iscoroutinefunction, markcoroutinefunction
 from django.views.decorators.csrf import csrf_exempt
 
-from chat.api.keys import api_key_user
+from chat.api.keys import api_key_authenticate
 from chat.completions import RequestError, error_body
 from chat.jsonbody import BadJson, json_object
 from chatsite.errors import CodedError
@@ -17,7 +18,6 @@ from chatsite.errors import CodedError
 NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header "
           "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). Create one with "
           "`python manage.py create_api_key USERNAME`.")
-BAD_KEY = "Incorrect API key provided."
 
 
 def error_response(exc: CodedError) -> JsonResponse:
@@ -41,9 +41,18 @@ def _bearer(request: HttpRequest) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def _key_error(request: HttpRequest) -> RequestError:
-    message = BAD_KEY if _bearer(request) else NO_KEY
-    return RequestError("invalid_api_key", message, status=401)
+def _authenticate(request: HttpRequest):
+    """The user of the request's live API key; otherwise a RequestError:
+    `invalid_api_key` (401), or `rate_limited` (429) while the address or
+    the key's prefix is cooling down after wrong keys (chat/api/keys.py).
+    The address is the one django-axes counts logins by."""
+    token = _bearer(request)
+    if token is None:
+        raise RequestError("invalid_api_key", NO_KEY, status=401)
+    try:
+        return api_key_authenticate(raw=token, address=get_client_ip_address(request) or "")
+    except CodedError as exc:
+        raise RequestError(exc.code, exc.detail) from exc
 
 
 def _refused(exc: CodedError, methods: tuple[str, ...]) -> JsonResponse:
@@ -69,11 +78,7 @@ def api_view(*methods: str):
             async def wrapped(request: HttpRequest, *args, **kwargs):
                 try:
                     check_method(request)
-                    token = _bearer(request)
-                    user = await sync_to_async(api_key_user)(token) if token else None
-                    if user is None:
-                        raise _key_error(request)
-                    request.user = user
+                    request.user = await sync_to_async(_authenticate)(request)
                     return await view(request, *args, **kwargs)
                 except CodedError as exc:
                     return _refused(exc, methods)
@@ -81,11 +86,7 @@ def api_view(*methods: str):
             def wrapped(request: HttpRequest, *args, **kwargs):
                 try:
                     check_method(request)
-                    token = _bearer(request)
-                    user = api_key_user(token) if token else None
-                    if user is None:
-                        raise _key_error(request)
-                    request.user = user
+                    request.user = _authenticate(request)
                     return view(request, *args, **kwargs)
                 except CodedError as exc:
                     return _refused(exc, methods)

@@ -80,17 +80,41 @@ def logged_in_context(browser, server: WebServer, user, **options):
     return context
 
 
+#: Reports every Content-Security-Policy violation of the page to the test
+#: (`securitypolicyviolation` fires on the document for each thing the
+#: policy refused), from before the page's own scripts run; also kept in
+#: `window.__cspViolations`, for a test to wait on with wait_for_function.
+_CSP_WATCH = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  const report = {directive: event.effectiveDirective, blocked: event.blockedURI,
+                  source: event.sourceFile, line: event.lineNumber, sample: event.sample};
+  window.__cspViolations.push(report);
+  window.__cspViolation(report);
+});
+"""
+
+
 def watched_page(context):
     """A page that records what must not happen: uncaught script errors,
-    console errors, and dialogs (the page opens none; model output must
-    never open one). Tests assert `page.errors == []` and `page.dialogs == []`."""
+    console errors, dialogs (the page opens none; model output must never
+    open one), and anything the Content-Security-Policy refused (issue 17:
+    the tests run with the policy enforced, as served). Tests assert
+    `page.errors == []` and `page.dialogs == []`; `page.csp_violations`
+    holds the violations alone (each is in `page.errors` too)."""
     page = context.new_page()
-    page.errors, page.dialogs = [], []
+    page.errors, page.dialogs, page.csp_violations = [], [], []
 
     def error(text: str) -> None:
         page.errors.append(text)
         print(f"browser: {text}")  # shown with a failing test's captured output
 
+    def violation(report: dict) -> None:
+        page.csp_violations.append(report)
+        error(f"content security policy: {report}")
+
+    page.expose_function("__cspViolation", violation)
+    page.add_init_script(_CSP_WATCH)
     page.on("pageerror", lambda exc: error(f"uncaught: {exc}"))
     page.on("console", lambda msg: msg.type == "error" and error(f"console: {msg.text} at {msg.location}"))
     page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
