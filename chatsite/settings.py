@@ -656,3 +656,11 @@ EMBEDDINGS_MAX_REQUEST_TOKENS = 300_000
 #: to list nothing). The price: a load per request (docs/gpu-arbitration.md,
 #: "Embeddings").
 OLLAMA_EMBED_CPU_KEEP_ALIVE = float(os.environ.get("OLLAMA_EMBED_CPU_KEEP_ALIVE", 0))
+#: The largest request body Django reads (bytes; its DATA_UPLOAD_MAX_MEMORY_SIZE,
+#: 2.5 MB by default). A /v1 chat request carries its images inline as
+#: base64 data: URLs, and OpenAI takes images of up to 20 MB, a third more
+#: as base64 (https://platform.openai.com/docs/guides/images-vision,
+#: "Image input requirements"). A larger body gets a 413 in OpenAI's shape
+#: (chat/api/http.py json_body). Uploaded files (multipart) are not bound
+#: by it: Django streams them to disk past FILE_UPLOAD_MAX_MEMORY_SIZE.
+DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("API_MAX_BODY_BYTES", 32 * 1024 * 1024))

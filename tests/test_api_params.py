@@ -321,3 +321,15 @@ def test_a_batch_line_honours_its_parameters(api, demo_model, workers, stack):
     assert ollama_sent(stack)["options"] | {"num_predict": 2, "stop": ["x"], "seed": 5} == ollama_sent(stack)["options"]
     output = api.files.content(api.batches.retrieve(batch.id).output_file_id).text
     assert json.loads(output)["response"]["body"]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_body_past_the_limit_gets_openais_413_and_a_large_image_is_taken(api, api_server, api_key, demo_model,
+                                                                          workers, stack, settings):
+    big = base64.b64encode(b"\x00" * (3 * 1024 * 1024)).decode()  # past Django's default 2.5 MB
+    look = [{"role": "user", "content": [{"type": "text", "text": "and this?"},
+                                         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{big}"}}]}]
+    assert "1 image" in api.chat.completions.create(model=OLLAMA, messages=look).choices[0].message.content
+    too_big = b'{"model": "local_demo", "messages": []' + b" " * settings.DATA_UPLOAD_MAX_MEMORY_SIZE + b"}"
+    answer = httpx.post(f"{api_server}/v1/chat/completions", content=too_big, timeout=60,
+                        headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
+    assert answer.status_code == 413 and "larger than" in answer.json()["error"]["message"]

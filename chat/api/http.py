@@ -6,6 +6,8 @@ import functools
 
 from asgiref.sync import sync_to_async
 from axes.helpers import get_client_ip_address
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, JsonResponse
 from django.utils.decorators import iscoroutinefunction, markcoroutinefunction
 from django.views.decorators.csrf import csrf_exempt
@@ -29,9 +31,14 @@ def error_response(exc: CodedError) -> JsonResponse:
 
 
 def json_body(request: HttpRequest) -> dict:
-    """The request's JSON object; `invalid_request` otherwise."""
+    """The request's JSON object; `invalid_request` otherwise, and 413 for
+    a body past DATA_UPLOAD_MAX_MEMORY_SIZE (Django's own answer to that is
+    a 400 HTML page)."""
     try:
         return json_object(request.body or b"null")
+    except RequestDataTooBig as exc:
+        raise RequestError("invalid_request", f"The request body is larger than "
+                           f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.", status=413) from exc
     except BadJson as exc:
         raise RequestError("invalid_request", exc.detail) from exc
 
