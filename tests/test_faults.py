@@ -391,8 +391,9 @@ async def test_web_process_restarted_while_a_reply_streams(user, small_demo, wor
     else from the database), whole and once."""
     # ~8 s of Ollama streaming: still running when the new process answers,
     # unless the machine is very loaded, in which case the database has it.
-    stack.ollama.reply = " ".join(f"w{i}" for i in range(800))
-    stack.ollama.token_delay = 0.01
+    # Within the model's num_predict (512 by default): Ollama would cut it there.
+    stack.ollama.reply = " ".join(f"w{i}" for i in range(400))
+    stack.ollama.token_delay = 0.02
     web = WebServer(log_dir=stack.var, database_url=test_database_url(connection.settings_dict))
     session = await sync_to_async(session_cookie)(user)
     await sync_to_async(web.start, thread_sensitive=False)()
