@@ -82,6 +82,16 @@ def test_wrong_passwords_lock_the_account_even_for_the_right_one_until_the_cool_
     assert client.session["_auth_user_id"] == str(alice.pk)
 
 
+def test_the_lockout_page_speaks_the_users_language(lockout):
+    user_create("li", PASSWORD)
+    client = Client(HTTP_ACCEPT_LANGUAGE="zh-hans")
+    for _ in range(lockout.AXES_FAILURE_LIMIT):
+        locked = login(client, "/accounts/login/", "li", "wrong")
+    assert locked.status_code == 429
+    page = locked.content.decode()
+    assert "尝试次数过多" in page and "即使密码正确也会被拒绝" in page and "Too many attempts" not in page
+
+
 def test_wrong_passwords_from_one_address_lock_it_for_every_account(lockout):
     user_create("bob", "pw-bob-123")
     guesser = Client(REMOTE_ADDR="203.0.113.5")
