@@ -186,11 +186,19 @@ def _busy_detail(admission: Admission) -> str:
             f"(more than the {settings.GPU_MAX_WAIT_SECONDS:.0f} s allowed). Please try again later.")
 
 
-def dispatch_forget(message_id: int) -> None:
+def dispatch_forget(message_id: int, *, cancelled: bool = False) -> None:
     """The reply ended. Best effort: an entry left behind is harmless (the
-    ledger is only read for unfinished replies)."""
+    ledger is only read for unfinished replies). A cancelled reply's cancel
+    flag goes too, in the same round trip: message ids can come again (a
+    database whose sequence restarts, SQLite reusing the highest id after a
+    delete), and a flag left for CHAT_CANCEL_TTL would stop a new reply of
+    the same id that a run finds already started (`reply_start`)."""
     try:
-        redis_client().hdel(DISPATCHED_KEY, str(message_id))
+        if cancelled:
+            redis_client().pipeline(transaction=False).hdel(DISPATCHED_KEY, str(message_id)).delete(
+                cancel_key(message_id)).execute()
+        else:
+            redis_client().hdel(DISPATCHED_KEY, str(message_id))
     except Exception:
         log.warning("message %s: could not remove it from the dispatch ledger", message_id, exc_info=True)
 
@@ -389,7 +397,7 @@ def _end(message_id: int, *, known: dict | None = None, queued_only: bool = Fals
     rows = rows.filter(status=MessageStatus.QUEUED) if queued_only else rows.exclude(status__in=FINISHED_STATUSES)
     updated = rows.update(finished_at=finished_at, **fields)
     if updated == 1:
-        dispatch_forget(message_id)
+        dispatch_forget(message_id, cancelled=fields["status"] == MessageStatus.CANCELLED)
         if known is None:
             known = Message.objects.filter(pk=message_id).values(
                 "model_name", "queued_at", "started_at", "first_token_at").first()

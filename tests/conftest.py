@@ -58,6 +58,23 @@ def fakes_reset(stack):
     yield
 
 
+@pytest.fixture(autouse=True)
+def cancel_flags_cleared(stack):
+    """No test inherits another's cancel flags. The database is emptied
+    between tests and its ids start again (SQLite always, PostgreSQL's
+    sequences on flush), while Redis is the session's: a flag left by an
+    earlier test's reply (one killed with its worker never ends to clear
+    it) would stop this test's reply of the same id."""
+    from chat.dispatch import CANCEL_PREFIX
+    from chatsite.redis_client import redis_client
+
+    client = redis_client()
+    stale = list(client.scan_iter(match=f"{CANCEL_PREFIX}:*", count=1000))
+    if stale:
+        client.delete(*stale)
+    yield
+
+
 OLLAMA_DEFAULTS = {"models": ("qwen:7b",), "reply": "Hello from fake Ollama.", "token_delay": 0.0,
                    "unload_delay": 0.0, "fail": None}
 OPENAI_DEFAULTS = {"models": ("gpt-4o-mini",), "reply": "Hello from fake OpenAI.", "token_delay": 0.0,
