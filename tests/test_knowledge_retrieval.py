@@ -128,3 +128,9 @@ def test_an_index_saved_and_loaded_answers_the_same_and_is_never_half_written(co
     with pytest.raises(OSError):  # an index is never written over: a new one goes beside it
         index.save(saved)
     assert Index.load(saved).search("tides", embed("tides"), model=MODEL)
+
+
+def test_a_tie_in_the_fusion_goes_to_the_last_ranking():
+    # Chunk 1 is first by meaning and second by words, chunk 2 the mirror image.
+    fused = rrf([[Hit(1, 0.9), Hit(2, 0.8)], [Hit(2, 5.0), Hit(1, 4.0)]])
+    assert [h.chunk for h in fused] == [2, 1] and fused[0].score == fused[1].score

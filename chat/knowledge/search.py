@@ -179,12 +179,21 @@ class Index:
 
 
 def rrf(rankings: list[list[Hit]], *, k: int = RRF_K) -> list[Hit]:
-    """Reciprocal rank fusion of rankings (best first); ties by first appearance."""
+    """Reciprocal rank fusion of rankings (best first). A tie goes to the
+    better rank in the *last* ranking, then to first appearance. `search`
+    puts the lexical ranking last: of two passages one ranking prefers each,
+    the one with the query's own words comes first, which a reader can check.
+    Ties are the rule, not a corner: a chunk first in one ranking and second
+    in the other ties with its mirror image (1/61 + 1/62 each), and the
+    dense side's order of near-equal scores can turn on float rounding
+    (the CPU copy of a model against the GPU's)."""
     scores: dict[int, float] = {}
     for ranking in rankings:
         for rank, hit in enumerate(ranking, start=1):
             scores[hit.chunk] = scores.get(hit.chunk, 0.0) + 1.0 / (k + rank)
-    return [Hit(chunk, score) for chunk, score in sorted(scores.items(), key=lambda kv: -kv[1])]
+    last = {hit.chunk: rank for rank, hit in enumerate(rankings[-1] if rankings else [])}
+    order = sorted(scores.items(), key=lambda kv: (-kv[1], last.get(kv[0], len(last))))
+    return [Hit(chunk, score) for chunk, score in order]
 
 
 # --- the vector stores --------------------------------------------------------
