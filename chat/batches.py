@@ -1,7 +1,7 @@
 """Batches in OpenAI's Batch API format, run through the chat services.
 
-A batch goes: validating (each input line checked; a bad one becomes an
-error line with its number) -> in_progress -> completed, or cancelling ->
+A batch goes: validating (each input line checked, chat/batch_lines.py; a
+bad one becomes an error line with its number) -> in_progress -> completed, or cancelling ->
 cancelled, or failed when no line is valid.
 
 How lines run:
@@ -62,26 +62,22 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 from redis.exceptions import LockError
 
-from chat.catalog import CatalogError, model_resolve
+from chat.batch_lines import EMBEDDINGS, ENDPOINTS, LineInvalid, line_check
 from chat.completions import (
     RequestError, chat_request_parse, completion_admissible, completion_enqueue, completion_object, error_body,
     error_status,
 )
 from chat.embeddings import embedding_backend, embedding_queue, embedding_request_parse
-from chat.jsonbody import BadJson, json_value
 from chat.models import (
     BATCH_FINISHED_STATUSES, FINISHED_STATUSES, Batch, BatchFile, BatchLine, BatchStatus, MessageStatus,
 )
 from chatsite import queues
 from chatsite.celery import app
-from chatsite.errors import CodedError
 from chatsite.redis_client import redis_client
 from gpu_manager.state import GpuStateStore
 
 log = logging.getLogger(__name__)
 
-CHAT, EMBEDDINGS = "/v1/chat/completions", "/v1/embeddings"
-ENDPOINTS = (CHAT, EMBEDDINGS)
 COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 #: Validation errors listed on the batch object itself; all of them are in the error file.
 ERRORS_LISTED = 1000
@@ -494,15 +490,6 @@ def batch_line_answered(*, line_id: int, response: dict) -> None:
 
 # --- validation -------------------------------------------------------------
 
-class _Invalid(CodedError):
-    """A line that cannot run: it ends as an error line with this code;
-    `param`, when one parameter of its body is at fault."""
-
-    def __init__(self, code: str, detail: str, *, param: str | None = None):
-        super().__init__(code, detail)
-        self.param = param
-
-
 def _yield() -> None:
     """Let the other greenlets of a gevent worker run (time.sleep is
     gevent's there); elsewhere a no-op that gives up the GIL for a moment."""
@@ -518,8 +505,8 @@ def _validate(batch: Batch) -> None:
             continue  # a trailing newline, a blank line: not a request
         line = BatchLine(batch=batch, line=number, state=BatchLine.State.PENDING)
         try:
-            _line_check(batch, line, raw, seen, choices)
-        except _Invalid as exc:
+            line_check(batch, line, raw, seen, choices)
+        except LineInvalid as exc:
             line.state, line.error_code, line.error_message = BatchLine.State.INVALID, exc.code, exc.detail
             line.body = None
             params[number] = exc.param
@@ -552,73 +539,6 @@ def _validate(batch: Batch) -> None:
         if not started:
             batch.refresh_from_db()
             _files_write(batch)
-
-
-def _line_check(batch: Batch, line: BatchLine, raw: str, seen: set, choices: dict) -> None:
-    number = line.line
-    try:
-        request = json_value(raw, what=f"Line {number}")
-    except BadJson as exc:
-        raise _Invalid("invalid_json", exc.detail) from exc
-    if not isinstance(request, dict):
-        raise _Invalid("invalid_request", f"Line {number}: a request must be a JSON object.")
-    custom_id = request.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        raise _Invalid("missing_custom_id", f"Line {number}: custom_id must be a non-empty string.")
-    line.custom_id = custom_id[:512]
-    if custom_id in seen:
-        raise _Invalid("duplicate_custom_id", f"Line {number}: the custom_id {custom_id!r} is used by an earlier line.")
-    seen.add(custom_id)
-    if request.get("method") != "POST":
-        raise _Invalid("invalid_method", f"Line {number}: method must be \"POST\".")
-    if request.get("url") != batch.endpoint:
-        raise _Invalid("invalid_url", f"Line {number}: url must be {batch.endpoint!r} (the batch's endpoint), "
-                       f"not {request.get('url')!r}.")
-    if batch.endpoint == EMBEDDINGS:
-        _embedding_line_check(line, request.get("body"), choices)
-        return
-    body = request.get("body")
-    n = body.get("n") if isinstance(body, dict) else None
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        raise _Invalid("invalid_request", f"Line {number}: n must be 1 in a batch: each line gets one response.",
-                       param="n")
-    try:
-        parsed = chat_request_parse(body)
-    except RequestError as exc:
-        raise _Invalid("invalid_request", f"Line {number}: {exc.detail}") from exc
-    if len(parsed.content) > settings.CHAT_MAX_CONTENT_CHARS:
-        raise _Invalid("content_too_long", f"Line {number}: the last message is longer than "
-                       f"{settings.CHAT_MAX_CONTENT_CHARS} characters.")
-    if parsed.model not in choices:
-        try:
-            choices[parsed.model] = model_resolve(parsed.model)
-        except CatalogError as exc:
-            choices[parsed.model] = exc
-    choice = choices[parsed.model]
-    if isinstance(choice, CatalogError):
-        code = "model_not_found" if choice.code in ("unknown_model", "model_disabled") else choice.code
-        raise _Invalid(code, f"Line {number}: {choice}")
-    line.body, line.model_name, line.owner = request["body"], choice.name, choice.needs_gpu_owner or ""
-
-
-def _embedding_line_check(line: BatchLine, body, checked: dict) -> None:
-    """An embeddings line's body, checked as `/v1/embeddings` checks one. A
-    model's answer is kept per (model, what the backend must take), so a
-    50,000-line file asks once a model."""
-    try:
-        parsed = embedding_request_parse(body)
-        key = (parsed.model, parsed.tokens, parsed.input_type is not None)
-        if key not in checked:
-            try:
-                embedding_backend(request=parsed)
-                checked[key] = None
-            except RequestError as exc:
-                checked[key] = exc
-        if checked[key] is not None:
-            raise checked[key]
-    except RequestError as exc:
-        raise _Invalid(exc.code, f"Line {line.line}: {exc.detail}", param=exc.param) from exc
-    line.body, line.model_name, line.owner = body, parsed.model, ""  # takes no GPU owner's turn
 
 
 def _ranks_assign(batch: Batch, lines: list[BatchLine]) -> None:
