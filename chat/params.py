@@ -285,8 +285,9 @@ def openai_arguments(options: dict, generation: dict) -> dict:
 
 def ollama_messages(messages: list[dict]) -> list[dict]:
     """OpenAI's messages in Ollama's terms: text content, images as raw
-    bytes, tool calls with their arguments as objects, tool results."""
-    names = {}
+    bytes, tool calls with their arguments as objects, tool results with
+    their tool's name."""
+    names = _tool_names(messages)
     converted = []
     for m in messages:
         turn = {"role": m["role"], "content": text_of(m.get("content"))}
@@ -298,10 +299,7 @@ def ollama_messages(messages: list[dict]) -> list[dict]:
             # "base64" must never be able to make it do.
             turn["images"] = images
         if m.get("tool_calls"):
-            turn["tool_calls"] = [{"function": {"name": c["function"]["name"],
-                                                "arguments": arguments_object(c["function"].get("arguments"))}}
-                                  for c in m["tool_calls"]]
-            names.update({c.get("id"): c["function"]["name"] for c in m["tool_calls"]})
+            turn["tool_calls"] = [{"function": _call_function(c)} for c in m["tool_calls"]]
         if m["role"] == "tool" and names.get(m.get("tool_call_id")):
             turn["tool_name"] = names[m["tool_call_id"]]
         converted.append(turn)
@@ -311,19 +309,28 @@ def ollama_messages(messages: list[dict]) -> list[dict]:
 def local_messages(messages: list[dict]) -> list[dict]:
     """OpenAI's messages as transformers' chat templates take them: tool
     calls with their arguments as objects, tool results with their tool's name."""
-    names = {}
+    names = _tool_names(messages)
     converted = []
     for m in messages:
         turn = {"role": m["role"], "content": text_of(m.get("content"))}
         if m.get("tool_calls"):
-            turn["tool_calls"] = [{"type": "function", "function": {
-                "name": c["function"]["name"], "arguments": arguments_object(c["function"].get("arguments"))}}
-                for c in m["tool_calls"]]
-            names.update({c.get("id"): c["function"]["name"] for c in m["tool_calls"]})
+            turn["tool_calls"] = [{"type": "function", "function": _call_function(c)} for c in m["tool_calls"]]
         if m["role"] == "tool":
             turn["name"] = names.get(m.get("tool_call_id"), "")
         converted.append(turn)
     return converted
+
+
+def _tool_names(messages: list[dict]) -> dict:
+    """The tool each call id names: a result is sent back under it (OpenAI
+    names only the call's id)."""
+    return {c.get("id"): c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()}
+
+
+def _call_function(call: dict) -> dict:
+    """A call's function with its arguments as an object, as Ollama and
+    chat templates take it (OpenAI sends a JSON string)."""
+    return {"name": call["function"]["name"], "arguments": arguments_object(call["function"].get("arguments"))}
 
 
 def text_of(content) -> str:

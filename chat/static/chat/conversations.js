@@ -1,7 +1,7 @@
 // The conversation list: open, rename (inline), delete (with an inline
 // confirmation rather than a browser dialog), and a mark on conversations
 // whose reply is still being written.
-import { el, iconButton, request } from "./util.js";
+import { confirmRow, el, iconButton, request } from "./util.js";
 
 export function conversationTitle(c) {
   return c.title || interpolate(gettext("Conversation %(id)s"), { id: c.id }, true);
@@ -124,19 +124,12 @@ export class ConversationList {
   }
 
   confirm(li, c) {
-    li.classList.add("confirming");
-    const text = el("span", "conv-confirm-text", gettext("Delete this conversation?"));
-    text.id = `conv-confirm-${c.id}`;
-    const yes = el("button", "danger", gettext("Delete"));
-    yes.type = "button";
-    const no = el("button", "secondary", gettext("Cancel"));
-    no.type = "button";
     const close = () => {
       li.classList.remove("confirming");
       this.render();
       this.focus(c.id, "delete");
     };
-    yes.addEventListener("click", async () => {
+    const remove = async () => {
       try {
         await request(`${this.url}${c.id}/`, { method: "DELETE" });
       } catch { close(); return; }
@@ -145,16 +138,9 @@ export class ConversationList {
       this.render();
       this.onDeleted(c.id);
       this.root.querySelector("[data-role='new']")?.focus();
+    };
+    confirmRow(li, {
+      prefix: "conv", id: c.id, message: gettext("Delete this conversation?"), onYes: remove, onNo: close,
     });
-    no.addEventListener("click", close);
-    li.addEventListener("keydown", (event) => {
-      if (event.key === "Escape") { event.stopPropagation(); close(); }
-    });
-    const box = el("div", "conv-confirm");
-    box.setAttribute("role", "group");
-    box.setAttribute("aria-labelledby", text.id);
-    box.append(text, yes, no);
-    li.replaceChildren(box);
-    no.focus();
   }
 }

@@ -3,7 +3,7 @@
 // files for a base, a base deleted (after an inline confirmation), and a
 // checkbox per base to answer from it. Each file's own error (no text
 // layer, encrypted, not a PDF…) is shown by its name.
-import { el, iconButton, request } from "./util.js";
+import { confirmRow, el, iconButton, request } from "./util.js";
 
 // The server indexes in a worker and reports progress on the base; the
 // page reads the list again this often while any base is indexing (issue 15).
@@ -235,21 +235,13 @@ export class KnowledgePanel {
   }
 
   confirm(li, base) {
-    li.classList.add("confirming");
-    const text = el("span", "kb-confirm-text",
-      interpolate(gettext("Delete “%(name)s” and its files?"), { name: base.name }, true));
-    text.id = `kb-confirm-${base.id}`;
-    const yes = el("button", "danger", gettext("Delete"));
-    yes.type = "button";
-    const no = el("button", "secondary", gettext("Cancel"));
-    no.type = "button";
     const close = () => {
       li.classList.remove("confirming");
       li.dataset.key = ""; // built again
       this.render();
       this.focus(base.id, "delete");
     };
-    yes.addEventListener("click", async () => {
+    const remove = async () => {
       try {
         await request(`${this.url}${base.id}/`, { method: "DELETE" });
       } catch (err) {
@@ -264,16 +256,10 @@ export class KnowledgePanel {
       this.render();
       this.onChange();
       this.form.closest("details")?.querySelector("summary")?.focus();
+    };
+    confirmRow(li, {
+      prefix: "kb", id: base.id, onYes: remove, onNo: close,
+      message: interpolate(gettext("Delete “%(name)s” and its files?"), { name: base.name }, true),
     });
-    no.addEventListener("click", close);
-    li.addEventListener("keydown", (event) => {
-      if (event.key === "Escape" && li.classList.contains("confirming")) { event.stopPropagation(); close(); }
-    });
-    const box = el("div", "kb-confirm");
-    box.setAttribute("role", "group");
-    box.setAttribute("aria-labelledby", text.id);
-    box.append(text, yes, no);
-    li.replaceChildren(box);
-    no.focus();
   }
 }

@@ -42,6 +42,30 @@ export function iconButton(name, label, onClick, className = "") {
   return button;
 }
 
+// "Delete …? [Delete] [Cancel]" in place of a list row's contents, as a
+// labelled group, Cancel focused: `onYes` on Delete, `onNo` on Cancel or
+// Escape. `prefix` names its classes and ids (`${prefix}-confirm-${id}`).
+export function confirmRow(li, { prefix, id, message, onYes, onNo }) {
+  li.classList.add("confirming");
+  const text = el("span", `${prefix}-confirm-text`, message);
+  text.id = `${prefix}-confirm-${id}`;
+  const yes = el("button", "danger", gettext("Delete"));
+  yes.type = "button";
+  const no = el("button", "secondary", gettext("Cancel"));
+  no.type = "button";
+  yes.addEventListener("click", onYes);
+  no.addEventListener("click", onNo);
+  li.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && li.classList.contains("confirming")) { event.stopPropagation(); onNo(); }
+  });
+  const box = el("div", `${prefix}-confirm`);
+  box.setAttribute("role", "group");
+  box.setAttribute("aria-labelledby", text.id);
+  box.append(text, yes, no);
+  li.replaceChildren(box);
+  no.focus();
+}
+
 // Decimal units, so that "GB" on the page means 10^9 bytes, as in the README.
 export function humanBytes(n) {
   if (typeof n !== "number" || !Number.isFinite(n)) return "?";
